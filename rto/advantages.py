@@ -1,0 +1,136 @@
+"""Turning per-token rewards into advantages and returns.
+
+Rewards are built in `rto.rewards` (the RTO reward, paper eq. 4.7, or classic sparse PPO);
+this module only turns a dense reward tensor [B, T] into advantages and returns. Estimators
+are small pure functions chosen by name from `ADVANTAGE_ESTIMATORS`; critic-free ones
+(REINFORCE++, GRPO, RLOO) belong here as siblings of `gae` and consume the same token rewards.
+
+Conventions: "dense" tensors are [B, T] over response tokens, right-padded, with `mask` 1 on
+response tokens (EOS included) and 0 on padding. Whatever sits outside the mask (even NaN) is
+ignored and every output is 0 there. The masked_* helpers are shared with `rto.losses`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def require_same_shape(**tensors: Tensor) -> None:
+    """Raise ValueError naming every tensor's shape unless all shapes are equal."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+        raise ValueError(f"shape mismatch: {listed}")
+
+
+def require_dense(**tensors: Tensor) -> None:
+    """Raise ValueError unless the tensors share one [B, T] shape."""
+    require_same_shape(**tensors)
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be dense [B, T], got shape {list(t.shape)}")
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """sum(x * mask) over `dim` (all entries if None); entries outside the mask never count."""
+    kept = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """sum(x * mask) / sum(mask) over `dim` (all entries if None).
+
+    An all-zero mask raises ValueError; with `dim`, a slice with no masked entries gives 0.
+    """
+    on = mask.bool()
+    if not on.any():
+        raise ValueError("masked_mean over an empty mask")
+    count = on.sum() if dim is None else on.sum(dim).clamp(min=1)
+    return masked_sum(x, on, dim) / count.to(x.dtype)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance over all masked entries: sum(mask * (x - mean)^2) / (n - 1 if unbiased else n)."""
+    n = int(mask.bool().sum())
+    if n < (2 if unbiased else 1):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} masked entries, got {n}")
+    centered = x - masked_mean(x, mask)
+    return masked_sum(centered**2, mask) / (n - 1 if unbiased else n)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over all masked entries of the batch; 0 outside the mask.
+
+    mean and var are taken over every masked entry (var is the population variance, so the
+    result has masked mean 0 and masked variance ~1). With shift_mean=False the mean is
+    added back: x is only rescaled.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=False)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def _require_discount(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over response tokens.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,      V after the last response token = 0
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t                          (the critic's target)
+
+    Positions outside the mask are skipped (their rewards and values are ignored), so t+1 means
+    the next response token. Returns (advantages, returns), both [B, T] and 0 outside the mask.
+    No whitening here: see `masked_whiten`.
+    """
+    require_dense(rewards=rewards, values=values, mask=mask)
+    _require_discount("gamma", gamma)
+    _require_discount("lam", lam)
+    on = mask.bool()
+    zero = torch.zeros_like(rewards[:, 0])
+    next_value, next_advantage = zero, zero
+    advantages = []
+    for t in reversed(range(rewards.shape[1])):
+        on_t = on[:, t]
+        value_t = torch.where(on_t, values[:, t], zero)
+        delta = torch.where(on_t, rewards[:, t], zero) + gamma * next_value - value_t
+        advantage_t = torch.where(on_t, delta + gamma * lam * next_advantage, zero)
+        next_value = torch.where(on_t, value_t, next_value)
+        next_advantage = torch.where(on_t, advantage_t, next_advantage)
+        advantages.append(advantage_t)
+    advantages_bt = torch.stack(advantages[::-1], dim=1)
+    returns = torch.where(on, advantages_bt + values, torch.zeros_like(advantages_bt))
+    return advantages_bt, returns
+
+
+def reinforce_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Discounted return-to-go G_t = r_t + gamma * G_{t+1}, G after the last response token = 0.
+
+    Positions outside the mask are skipped; the result is [B, T] and 0 outside the mask.
+    """
+    require_dense(rewards=rewards, mask=mask)
+    _require_discount("gamma", gamma)
+    on = mask.bool()
+    zero = torch.zeros_like(rewards[:, 0])
+    next_return = zero
+    returns = []
+    for t in reversed(range(rewards.shape[1])):
+        on_t = on[:, t]
+        return_t = torch.where(on_t, rewards[:, t] + gamma * next_return, zero)
+        next_return = torch.where(on_t, return_t, next_return)
+        returns.append(return_t)
+    return torch.stack(returns[::-1], dim=1)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"gae": gae}

@@ -1,0 +1,111 @@
+"""Token batches in one layout for every stage: [left-padded prompt | right-padded response].
+
+With the prompt block of width P and the response block of width T, response token t sits at
+position P + t, is predicted by the logits at position P + t - 1, and its value V(s_t) is read at
+the same position. Masks come from lengths, never from comparing token ids with the pad id
+(SmolLM2's pad token is its EOS token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from rto.models import ValueModel, role_hidden
+
+
+@dataclass
+class SeqBatch:
+    input_ids: torch.Tensor  # [B, P+T] long
+    attention_mask: torch.Tensor  # [B, P+T] long, 1 on real prompt and response tokens
+    position_ids: torch.Tensor  # [B, P+T] long, 0-based from each row's first real token
+    response_mask: torch.Tensor  # [B, T] float, 1 on response tokens (EOS included)
+    prompt_width: int  # P
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1).long()
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> "SeqBatch":
+        return SeqBatch(
+            self.input_ids[index], self.attention_mask[index], self.position_ids[index],
+            self.response_mask[index], self.prompt_width,
+        )
+
+    def to(self, device) -> "SeqBatch":
+        return SeqBatch(*(getattr(self, f.name).to(device) if f.name != "prompt_width" else self.prompt_width
+                          for f in fields(self)))
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SeqBatch:
+    """Left-pad the prompts, right-pad the responses, and build masks and positions from lengths."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if any(len(r) == 0 for r in responses):
+        raise ValueError("every response needs at least one token")
+    P, T, B = max(map(len, prompts)), max(map(len, responses)), len(prompts)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        input_ids[i, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, P - len(p) : P + len(r)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return SeqBatch(input_ids, attention_mask, position_ids, attention_mask[:, P:].float(), P)
+
+
+def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """Truncate a generated response after its first EOS (kept). Returns (tokens, ended_with_eos)."""
+    for i, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+def _response_hidden(model, batch: SeqBatch, trunk, n_frozen) -> torch.Tensor:
+    """Hidden states at positions P-1 .. P+T-1 ([B, T+1, H]): state before each response token, and after the last."""
+    hidden = role_hidden(model, batch, trunk, n_frozen)
+    return hidden[:, batch.prompt_width - 1 :]
+
+
+def token_logprobs(model, batch: SeqBatch, trunk=None, n_frozen: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_t | s_t) of the response tokens, [B, T], from log_softmax(logits / temperature); 0 off the mask."""
+    hidden = _response_hidden(model, batch, trunk, n_frozen)[:, :-1]
+    logits = model.lm_head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    return (picked - logits.logsumexp(-1)) * batch.response_mask
+
+
+def token_values(model: ValueModel, batch: SeqBatch, trunk=None, n_frozen: int = 0) -> torch.Tensor:
+    """Head outputs at positions P-1 .. P+T-1, [B, T+1]: column t < T is V(s_t), column len is the score."""
+    return model.values(_response_hidden(model, batch, trunk, n_frozen))
+
+
+def critic_values(all_values: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
+    """V(s_t) for t < T, 0 outside the response mask."""
+    return all_values[:, :-1] * batch.response_mask
+
+
+def sequence_scores(all_values: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
+    """Reward-model score of each sequence: the head output on its last response token, [B]."""
+    return all_values.gather(1, batch.response_lengths.unsqueeze(1)).squeeze(1)
+
+
+def nll_loss(model, batch: SeqBatch, trunk=None, n_frozen: int = 0) -> torch.Tensor:
+    """Mean negative log-likelihood of the response tokens (SFT)."""
+    hidden = _response_hidden(model, batch, trunk, n_frozen)[:, :-1]
+    logits = model.lm_head(hidden).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), batch.response_ids.flatten(), reduction="none")
+    mask = batch.response_mask.flatten()
+    return (nll * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,196 @@
+"""Tests for rto.advantages: every expected number is worked out by hand in the comments."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rto.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    gae,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    reinforce_returns,
+)
+
+NAN = float("nan")
+
+
+def close(actual: torch.Tensor, expected) -> None:
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=1e-6, rtol=1e-6)
+
+
+# ---- masked statistics -----------------------------------------------------------------------
+X = torch.tensor([[1.0, 2.0, NAN], [4.0, 100.0, -50.0]])
+M = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # masked entries: 1, 2, 4
+
+
+def test_masked_sum_and_mean():
+    close(masked_sum(X, M), 7.0)  # 1 + 2 + 4
+    close(masked_mean(X, M), 7.0 / 3)
+    close(masked_sum(X, M, dim=1), [3.0, 4.0])  # rows: 1 + 2 ; 4
+    close(masked_mean(X, M, dim=1), [1.5, 4.0])  # 3 / 2 ; 4 / 1
+
+
+def test_masked_mean_empty_slice_is_zero_and_empty_mask_raises():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    close(masked_mean(X, mask, dim=1), [1.5, 0.0])
+    with pytest.raises(ValueError, match="empty"):
+        masked_mean(X, torch.zeros_like(M))
+
+
+def test_masked_var():
+    # mean 7/3; deviations -4/3, -1/3, 5/3; squares 16/9 + 1/9 + 25/9 = 42/9 = 14/3
+    close(masked_var(X, M, unbiased=False), 14 / 9)  # (14/3) / 3
+    close(masked_var(X, M), 7 / 3)  # (14/3) / 2
+    with pytest.raises(ValueError):
+        masked_var(X, torch.tensor([[1, 0, 0], [0, 0, 0]]))  # one entry, unbiased
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 3.0, 100.0], [5.0, 7.0, NAN]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    # entries 1, 3, 5, 7: mean 4, deviations -3, -1, 1, 3, population var (9 + 1 + 1 + 9) / 4 = 5
+    s = math.sqrt(5.0)
+    close(masked_whiten(x, mask, eps=0.0), [[-3 / s, -1 / s, 0.0], [1 / s, 3 / s, 0.0]])
+    # shift_mean=False adds the mean 4 back on the masked entries
+    unshifted = [[4 - 3 / s, 4 - 1 / s, 0.0], [4 + 1 / s, 4 + 3 / s, 0.0]]
+    close(masked_whiten(x, mask, shift_mean=False, eps=0.0), unshifted)
+    # eps enters as sqrt(var + eps): with eps = 4, divide by 3
+    close(masked_whiten(x, mask, eps=4.0), [[-1.0, -1 / 3, 0.0], [1 / 3, 1.0, 0.0]])
+
+
+# ---- GAE ---------------------------------------------------------------------------------------
+REWARDS = torch.tensor([[1.0, 0.0, 2.0]])
+VALUES = torch.tensor([[0.5, 1.0, 1.5]])
+FULL = torch.ones(1, 3)
+
+
+def test_gae_gamma_one():
+    # lam = 0.5, gamma = 1, V after the last token = 0:
+    # t=2: delta = 2 + 0 - 1.5 = 0.5            A = 0.5
+    # t=1: delta = 0 + 1.5 - 1.0 = 0.5          A = 0.5 + 0.5 * 0.5 = 0.75
+    # t=0: delta = 1 + 1.0 - 0.5 = 1.5          A = 1.5 + 0.5 * 0.75 = 1.875
+    # returns = A + V = [2.375, 1.75, 2.0]
+    advantages, returns = gae(REWARDS, VALUES, FULL, gamma=1.0, lam=0.5)
+    close(advantages, [[1.875, 0.75, 0.5]])
+    close(returns, [[2.375, 1.75, 2.0]])
+
+
+def test_gae_discounted():
+    # gamma = 0.9, lam = 0.5, gamma * lam = 0.45:
+    # t=2: delta = 2 - 1.5 = 0.5                          A = 0.5
+    # t=1: delta = 0 + 0.9 * 1.5 - 1.0 = 0.35             A = 0.35 + 0.45 * 0.5 = 0.575
+    # t=0: delta = 1 + 0.9 * 1.0 - 0.5 = 1.4              A = 1.4 + 0.45 * 0.575 = 1.65875
+    advantages, returns = gae(REWARDS, VALUES, FULL, gamma=0.9, lam=0.5)
+    close(advantages, [[1.65875, 0.575, 0.5]])
+    close(returns, [[2.15875, 1.575, 2.0]])  # + V
+
+
+def test_gae_right_padding_ignores_garbage():
+    # row 0 has 2 response tokens; padding holds garbage that must not leak in. gamma = lam = 1:
+    # t=1: delta = 2 + 0 - 1.0 = 1.0   A = 1.0      (V after the last token is 0, not the garbage 99)
+    # t=0: delta = 1 + 1.0 - 0.5 = 1.5 A = 1.5 + 1.0 = 2.5
+    # returns = [3.0, 2.0, 0] (= return-to-go); row 1 is row 0 of test_gae_gamma_one with lam = 1:
+    # t=2: 0.5 ; t=1: 0.5 + 0.5 = 1.0 ; t=0: 1.5 + 1.0 = 2.5 ; returns [3.0, 2.0, 2.0]
+    rewards = torch.tensor([[1.0, 2.0, 99.0], [1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, NAN], [0.5, 1.0, 1.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    close(advantages, [[2.5, 1.0, 0.0], [2.5, 1.0, 0.5]])
+    close(returns, [[3.0, 2.0, 0.0], [3.0, 2.0, 2.0]])
+
+
+@pytest.mark.parametrize("kwargs", [dict(gamma=1.5), dict(lam=-0.1), dict(gamma=NAN)])
+def test_gae_rejects_bad_discounts(kwargs):
+    with pytest.raises(ValueError):
+        gae(REWARDS, VALUES, FULL, **kwargs)
+
+
+def test_gae_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="values"):
+        gae(REWARDS, VALUES[:, :2], FULL)
+
+
+def test_registry():
+    assert ADVANTAGE_ESTIMATORS == {"gae": gae}
+
+
+def test_reinforce_returns():
+    # gamma = 0.5: G2 = 3 ; G1 = 2 + 0.5 * 3 = 3.5 ; G0 = 1 + 0.5 * 3.5 = 2.75 ; padding -> 0
+    rewards = torch.tensor([[1.0, 2.0, 3.0, NAN]])
+    close(reinforce_returns(rewards, torch.tensor([[1, 1, 1, 0]]), gamma=0.5), [[2.75, 3.5, 3.0, 0.0]])
+
+
+# ---- properties ------------------------------------------------------------------------------
+@st.composite
+def rollouts(draw):
+    """Random dense rewards and values [B, T] with right-padded masks and garbage in the padding."""
+    batch = draw(st.integers(1, 4))
+    length = draw(st.integers(1, 10))
+    lengths = draw(st.lists(st.integers(1, length), min_size=batch, max_size=batch))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    mask = torch.arange(length) < torch.tensor(lengths).unsqueeze(1)
+    rewards = torch.randn(batch, length, generator=gen, dtype=torch.float64)
+    values = torch.randn(batch, length, generator=gen, dtype=torch.float64)
+    garbage = torch.randn(batch, length, generator=gen, dtype=torch.float64) * 1e6
+    return rewards, values, mask, garbage
+
+
+def with_garbage(x: torch.Tensor, mask: torch.Tensor, garbage: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, garbage)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts())
+def test_gae_with_gamma_lam_one_is_return_to_go_minus_value(rollout):
+    rewards, values, mask, _ = rollout
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    zero = torch.zeros_like(rewards)
+    # return-to-go via a reversed cumulative sum of the masked rewards
+    to_go = torch.where(mask, rewards, zero).flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(advantages, torch.where(mask, to_go - values, zero))
+    torch.testing.assert_close(returns, torch.where(mask, to_go, zero))
+    torch.testing.assert_close(reinforce_returns(rewards, mask), torch.where(mask, to_go, zero))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts(), st.floats(0.0, 1.0))
+def test_gae_with_lam_zero_is_one_step_td_error(rollout, gamma):
+    rewards, values, mask, _ = rollout
+    advantages, _ = gae(rewards, values, mask, gamma=gamma, lam=0.0)
+    zero = torch.zeros_like(values)
+    next_values = torch.cat([torch.where(mask, values, zero)[:, 1:], zero[:, :1]], dim=1)
+    torch.testing.assert_close(advantages, torch.where(mask, rewards + gamma * next_values - values, zero))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts(), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_gae_ignores_padding_content(rollout, gamma, lam):
+    rewards, values, mask, garbage = rollout
+    clean = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    dirty = gae(with_garbage(rewards, mask, garbage), with_garbage(values, mask, -garbage), mask, gamma, lam)
+    for a, b in zip(clean, dirty):
+        torch.testing.assert_close(a, b)
+        assert (a[~mask] == 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts(), st.booleans())
+def test_whitening_ignores_padding_and_standardises(rollout, shift_mean):
+    x, _, mask, garbage = rollout
+    if mask.sum() < 2:
+        return
+    clean = masked_whiten(x, mask, shift_mean=shift_mean)
+    torch.testing.assert_close(clean, masked_whiten(with_garbage(x, mask, garbage), mask, shift_mean=shift_mean))
+    assert (clean[~mask] == 0).all()
+    if shift_mean:
+        torch.testing.assert_close(masked_mean(clean, mask), torch.tensor(0.0, dtype=x.dtype), atol=1e-9, rtol=0)
+        if masked_var(x, mask, unbiased=False) > 1e-3:
+            torch.testing.assert_close(
+                masked_var(clean, mask, unbiased=False), torch.tensor(1.0, dtype=x.dtype), atol=1e-5, rtol=0
+            )

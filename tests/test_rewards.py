@@ -1,0 +1,238 @@
+"""Tests for rto.rewards: every expected number is worked out by hand in the comments."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rto.rewards import (
+    KL_ESTIMATORS,
+    dpo_token_reward,
+    kl_penalty,
+    last_token_index,
+    place_on_last_token,
+    sequence_kl,
+    token_rewards,
+)
+
+NAN = float("nan")
+
+
+def close(actual: torch.Tensor, expected) -> None:
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=1e-6, rtol=1e-6)
+
+
+# ---- KL estimators ---------------------------------------------------------------------------
+# logp = [-1.0, -2.0], logp_ref = [-1.5, -1.0]  ->  logp - logp_ref = [0.5, -1.0]
+LOGP = torch.tensor([-1.0, -2.0])
+LOGP_REF = torch.tensor([-1.5, -1.0])
+
+
+def test_kl_k1_is_log_ratio():
+    close(kl_penalty(LOGP, LOGP_REF, "k1"), [0.5, -1.0])
+
+
+def test_kl_k2_is_half_squared_log_ratio():
+    # 0.5 * 0.5^2 = 0.125 ; 0.5 * (-1)^2 = 0.5
+    close(kl_penalty(LOGP, LOGP_REF, "k2"), [0.125, 0.5])
+
+
+def test_kl_k3():
+    # d = logp_ref - logp = [-0.5, 1.0]
+    # exp(-0.5) - 1 + 0.5 = 0.6065307 - 0.5 = 0.1065307 ; exp(1) - 1 - 1 = 2.7182818 - 2 = 0.7182818
+    close(kl_penalty(LOGP, LOGP_REF, "k3"), [0.1065307, 0.7182818])
+
+
+def test_kl_default_is_k1_and_registry_has_three():
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+    close(kl_penalty(LOGP, LOGP_REF), [0.5, -1.0])
+
+
+def test_kl_unknown_estimator_lists_valid_names():
+    with pytest.raises(ValueError, match="k1.*k2.*k3"):
+        kl_penalty(LOGP, LOGP_REF, "k4")
+
+
+# ---- DPO token reward ------------------------------------------------------------------------
+def test_dpo_token_reward_scaled_and_clipped():
+    logp_dpo = torch.tensor([-1.0, -3.0, -2.0])
+    logp_ref = torch.tensor([-2.0, -2.0, -2.0])
+    # beta * (dpo - ref) = 0.1 * [1, -1, 0] = [0.1, -0.1, 0.0]
+    close(dpo_token_reward(logp_dpo, logp_ref, beta_dpo=0.1), [0.1, -0.1, 0.0])
+    # clipped to +-0.05
+    close(dpo_token_reward(logp_dpo, logp_ref, beta_dpo=0.1, clip=0.05), [0.05, -0.05, 0.0])
+
+
+def test_dpo_token_reward_rejects_nonpositive_clip():
+    with pytest.raises(ValueError, match="None"):
+        dpo_token_reward(LOGP, LOGP_REF, beta_dpo=0.1, clip=0.0)
+
+
+# ---- last token ------------------------------------------------------------------------------
+def test_last_token_index_float_and_bool_masks():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # last 1 of each row: positions 2, 0, 3
+    assert last_token_index(mask).tolist() == [2, 0, 3]
+    assert last_token_index(mask.bool()).tolist() == [2, 0, 3]
+
+
+def test_last_token_index_empty_row_raises():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        last_token_index(mask)
+
+
+def test_place_on_last_token():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    close(place_on_last_token(torch.tensor([2.0, -1.0]), mask), [[0.0, 2.0, 0.0], [0.0, 0.0, -1.0]])
+
+
+# ---- token_rewards (eq. 4.7) -----------------------------------------------------------------
+# Row 0 has two response tokens (position 2 is padding, filled with garbage); row 1 has three.
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+POLICY = torch.tensor([[-1.0, -2.0, NAN], [-0.5, -1.0, -1.5]])
+REF = torch.tensor([[-1.5, -1.0, 7.0], [-0.5, -2.0, -1.0]])
+DPO = torch.tensor([[-0.5, -1.5, NAN], [-1.5, -1.0, -0.5]])
+RM = torch.tensor([1.0, -3.0])
+# Per token, with beta_dpo = 0.1, beta_kl = 0.1, beta_rm = 0.5:
+#   dpo - ref  = [[1.0, -0.5], [-1.0, 1.0, 0.5]]  -> beta_dpo * . = [[0.1, -0.05], [-0.1, 0.1, 0.05]]
+#   policy-ref = [[0.5, -1.0], [ 0.0, 1.0, -0.5]] -> -beta_kl * . = [[-0.05, 0.1], [0.0, -0.1, 0.05]]
+#   last token: row 0 at t=1, row 1 at t=2
+KW = dict(logp_dpo=DPO, rm_score=RM, beta_dpo=0.1, beta_kl=0.1, beta_rm=0.5)
+
+
+def test_token_rewards_full_rto_with_clips():
+    # dpo_clip 0.08 -> [[0.08, -0.05], [-0.08, 0.08, 0.05]]; rm_clip 2 -> rm = 0.5 * [1, -2] = [0.5, -1.0]
+    # row 0: 0.08 - 0.05 = 0.03 ; -0.05 + 0.1 + 0.5 = 0.55 ; pad 0
+    # row 1: -0.08 + 0 = -0.08 ; 0.08 - 0.1 = -0.02 ; 0.05 + 0.05 - 1.0 = -0.9
+    rewards = token_rewards(POLICY, REF, MASK, **KW, dpo_clip=0.08, rm_clip=2.0)
+    close(rewards, [[0.03, 0.55, 0.0], [-0.08, -0.02, -0.9]])
+
+
+def test_token_rewards_without_clips():
+    # row 0: 0.1 - 0.05 = 0.05 ; -0.05 + 0.1 + 0.5 * 1 = 0.55
+    # row 1: -0.1 + 0 = -0.1 ; 0.1 - 0.1 = 0.0 ; 0.05 + 0.05 + 0.5 * (-3) = -1.4
+    rewards = token_rewards(POLICY, REF, MASK, **KW, dpo_clip=None, rm_clip=None)
+    close(rewards, [[0.05, 0.55, 0.0], [-0.1, 0.0, -1.4]])
+
+
+def test_token_rewards_classic_sparse_ppo_without_dpo_model():
+    # KL term + RM on the last token only: row 0: -0.05 ; 0.1 + 0.5 = 0.6
+    # row 1: 0.0 ; -0.1 ; 0.05 + 0.5 * clip(-3, +-2) = 0.05 - 1.0 = -0.95
+    rewards = token_rewards(POLICY, REF, MASK, rm_score=RM, beta_kl=0.1, beta_rm=0.5, rm_clip=2.0)
+    close(rewards, [[-0.05, 0.6, 0.0], [0.0, -0.1, -0.95]])
+
+
+def test_token_rewards_kl_only():
+    # no DPO model, no RM: -0.1 * (policy - ref)
+    close(token_rewards(POLICY, REF, MASK, beta_kl=0.1), [[-0.05, 0.1, 0.0], [0.0, -0.1, 0.05]])
+
+
+def test_beta_zero_switches_a_term_off_and_never_means_unscaled():
+    no_dpo = token_rewards(POLICY, REF, MASK, rm_score=RM, beta_kl=0.1, beta_rm=0.5, dpo_clip=None)
+    close(token_rewards(POLICY, REF, MASK, **{**KW, "beta_dpo": 0.0}, dpo_clip=None), no_dpo)
+    # beta_kl = 0, beta_rm = 0: only the (unclipped) DPO term is left: [[0.1, -0.05], [-0.1, 0.1, 0.05]]
+    only_dpo = token_rewards(POLICY, REF, MASK, **{**KW, "beta_kl": 0.0, "beta_rm": 0.0}, dpo_clip=None)
+    close(only_dpo, [[0.1, -0.05, 0.0], [-0.1, 0.1, 0.05]])
+
+
+def test_token_rewards_k2_estimator():
+    # -0.1 * 0.5 * (policy - ref)^2: row 0: -0.1 * 0.125 = -0.0125 ; -0.1 * 0.5 = -0.05
+    # row 1: 0 ; -0.05 ; -0.1 * 0.5 * 0.25 = -0.0125
+    rewards = token_rewards(POLICY, REF, MASK, beta_kl=0.1, kl_estimator="k2")
+    close(rewards, [[-0.0125, -0.05, 0.0], [0.0, -0.05, -0.0125]])
+
+
+def test_token_rewards_bool_mask_same_as_float():
+    close(token_rewards(POLICY, REF, MASK.bool(), **KW), token_rewards(POLICY, REF, MASK, **KW))
+
+
+def test_token_rewards_paper_defaults():
+    # beta_dpo 0.05, dpo_clip 0.05, beta_kl 0.01, beta_rm 1, rm_clip 10; one token, log-ratio 2 nats:
+    # 0.05 * 2 = 0.1 -> clip 0.05 ; KL: -0.01 * (-1.0 - -1.5) = -0.005 ; rm clip(12) = 10
+    # total = 0.05 - 0.005 + 10 = 10.045
+    rewards = token_rewards(
+        torch.tensor([[-1.0]]), torch.tensor([[-1.5]]), torch.tensor([[1]]),
+        logp_dpo=torch.tensor([[0.5]]), rm_score=torch.tensor([12.0]),
+    )
+    close(rewards, [[10.045]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(logp_ref=REF[:, :2]), "logp_ref"),
+        (dict(mask=MASK[:1]), "mask"),
+        (dict(logp_dpo=DPO[:, :2]), "logp_dpo"),
+        (dict(rm_score=torch.ones(3)), "per-sequence"),
+        (dict(rm_score=torch.ones(2, 1)), "per-sequence"),
+        (dict(beta_dpo=NAN), "beta_dpo"),
+        (dict(beta_kl=math.inf), "beta_kl"),
+        (dict(beta_rm=-math.inf), "beta_rm"),
+        (dict(kl_estimator="kl"), "k1"),
+        (dict(logp_dpo=DPO, dpo_clip=-0.05), "clip"),
+    ],
+)
+def test_token_rewards_fails_loudly(kwargs, match):
+    args = {"logp_ref": REF, "mask": MASK, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        token_rewards(POLICY, args.pop("logp_ref"), args.pop("mask"), **args)
+
+
+def test_sequence_kl():
+    # row 0: 0.5 + (-1.0) = -0.5 (padding garbage ignored) ; row 1: 0.0 + 1.0 - 0.5 = 0.5
+    close(sequence_kl(POLICY, REF, MASK), [-0.5, 0.5])
+
+
+# ---- properties ------------------------------------------------------------------------------
+@st.composite
+def rollouts(draw):
+    """Random dense log-probs [B, T] with right-padded masks and NaN/huge garbage in the padding."""
+    batch = draw(st.integers(1, 4))
+    length = draw(st.integers(1, 8))
+    lengths = draw(st.lists(st.integers(1, length), min_size=batch, max_size=batch))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    mask = torch.arange(length) < torch.tensor(lengths).unsqueeze(1)
+    garbage = draw(st.sampled_from([NAN, 1e30, -7.0]))
+
+    def logps() -> torch.Tensor:
+        x = -torch.rand(batch, length, generator=gen, dtype=torch.float64) * 5
+        return torch.where(mask, x, torch.full_like(x, garbage))
+
+    rm_score = torch.randn(batch, generator=gen, dtype=torch.float64) * 3
+    return logps(), logps(), logps(), rm_score, mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts(), st.sampled_from(["k1", "k2", "k3"]))
+def test_rewards_are_zero_outside_mask(rollout, estimator):
+    logp, logp_ref, logp_dpo, rm_score, mask = rollout
+    rewards = token_rewards(logp, logp_ref, mask, logp_dpo=logp_dpo, rm_score=rm_score, kl_estimator=estimator)
+    assert torch.isfinite(rewards).all()
+    assert (rewards[~mask] == 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts(), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 2.0))
+def test_unclipped_rewards_sum_to_sentence_level_terms(rollout, beta_dpo, beta_kl, beta_rm):
+    # Telescoping: sum_t r_t = beta_dpo * log(pi_dpo/pi_ref)(y) - beta_kl * log(pi/pi_ref)(y) + beta_rm * rm
+    logp, logp_ref, logp_dpo, rm_score, mask = rollout
+    rewards = token_rewards(
+        logp, logp_ref, mask, logp_dpo=logp_dpo, rm_score=rm_score,
+        beta_dpo=beta_dpo, beta_kl=beta_kl, beta_rm=beta_rm, dpo_clip=None, rm_clip=None,
+    )
+    zero = torch.zeros_like(logp)
+    dpo_sum = torch.where(mask, logp_dpo - logp_ref, zero).sum(1)
+    kl_sum = torch.where(mask, logp - logp_ref, zero).sum(1)
+    expected = beta_dpo * dpo_sum - beta_kl * kl_sum + beta_rm * rm_score
+    torch.testing.assert_close(rewards.sum(1), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rollouts())
+def test_k2_and_k3_are_nonnegative(rollout):
+    logp, logp_ref, _, _, mask = rollout
+    for estimator in ("k2", "k3"):
+        assert (kl_penalty(logp[mask], logp_ref[mask], estimator) >= 0).all()
