@@ -141,3 +141,17 @@ def sequence_kl(logp: Tensor, logp_ref: Tensor, mask: Tensor) -> Tensor:
     """Per-sequence KL(pi || pi_ref) estimate: sum over response tokens of k1 = log pi - log pi_ref -> [B]."""
     require_dense(logp=logp, logp_ref=logp_ref, mask=mask)
     return masked_sum(kl_k1(logp, logp_ref), mask, dim=1)
+
+
+def adaptive_kl_coef(beta_kl: float, observed_kl: float, target_kl: float, horizon: int, n_steps: int) -> float:
+    """Proportional KL controller (Ziegler et al. 2019), applied after each rollout:
+
+        e       = clip(observed_kl / target_kl - 1, -0.2, 0.2)
+        beta_kl = beta_kl * (1 + e * n_steps / horizon)
+
+    observed_kl is the mean per-sequence KL of the rollout; n_steps the sequences it held.
+    """
+    if not (target_kl > 0 and horizon > 0):
+        raise ValueError(f"target_kl and horizon must be > 0, got {target_kl} and {horizon}")
+    error = min(max(observed_kl / target_kl - 1.0, -0.2), 0.2)
+    return beta_kl * (1.0 + error * n_steps / horizon)

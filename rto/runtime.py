@@ -95,6 +95,12 @@ class Run:
                 if isinstance(v, float) and k != "step":
                     self._tb.add_scalar(k, v, step)
 
+    def note(self, text: str) -> None:
+        """Print a line and keep it in the run's log.txt."""
+        print(text, flush=True)
+        with open(self.dir / "log.txt", "a") as f:
+            f.write(text + "\n")
+
     def finish(self, summary: dict | None = None) -> None:
         summary = {"wall_time_s": round(time.time() - self.started, 2), **(summary or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))

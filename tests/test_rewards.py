@@ -236,3 +236,16 @@ def test_k2_and_k3_are_nonnegative(rollout):
     logp, logp_ref, _, _, mask = rollout
     for estimator in ("k2", "k3"):
         assert (kl_penalty(logp[mask], logp_ref[mask], estimator) >= 0).all()
+
+
+def test_adaptive_kl_coef_by_hand():
+    from rto.rewards import adaptive_kl_coef
+
+    # KL twice the target: error clipped to +0.2; 0.1 * (1 + 0.2 * 100 / 1000) = 0.102
+    assert adaptive_kl_coef(0.1, 12.0, 6.0, 1000, 100) == pytest.approx(0.102)
+    # KL at half the target: error -0.5 clipped to -0.2 -> 0.1 * (1 - 0.02) = 0.098
+    assert adaptive_kl_coef(0.1, 3.0, 6.0, 1000, 100) == pytest.approx(0.098)
+    # within the band: 6.6 / 6 - 1 = 0.1 -> 0.1 * (1 + 0.1 * 0.5) = 0.105
+    assert adaptive_kl_coef(0.1, 6.6, 6.0, 200, 100) == pytest.approx(0.105)
+    with pytest.raises(ValueError):
+        adaptive_kl_coef(0.1, 1.0, 0.0, 10, 1)

@@ -1,0 +1,175 @@
+"""`rto eval`: score models on the held-out prompts of a task.
+
+Per model: gold score (mean, 95% interval), paired gold difference and win rate against a baseline
+on the same prompts, KL to the reference, reward-model score, response length and EOS rate. Every
+model samples with the same seed, so comparisons between models are paired.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rto.data import write_jsonl
+from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, load_tokenizer, resolve_model
+from rto.rewards import sequence_kl
+from rto.rollout import decode_responses, encode_prompts, generate
+from rto.sequences import sequence_scores, token_logprobs, token_values
+from rto.stages.common import Common, shared_trunk_layers, start, task_prompts, trunk_or_none
+from rto.tasks import get_task
+
+Z95 = 1.959964
+
+
+def mean_ci95(x: torch.Tensor) -> tuple[float, float]:
+    """(mean, half-width of the normal 95% interval) = (x_bar, 1.96 * s / sqrt(n)), s the sample std."""
+    x = x.double()
+    n = x.numel()
+    half = Z95 * float(x.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
+    return float(x.mean()), half
+
+
+def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> tuple[float, float]:
+    """Pairwise win rate against a baseline on the same prompts, ties counting 1/2, with its 95% half-width.
+
+    w_i = 1 if s_i > b_i, 0.5 if s_i == b_i, else 0;  rate = mean(w), interval = 1.96 * std(w) / sqrt(n).
+    """
+    wins = (scores > baseline).double() + 0.5 * (scores == baseline).double()
+    return mean_ci95(wins)
+
+
+def parse_model(spec: str) -> tuple[str, str]:
+    """'label=path' -> (label, path); a bare path is labelled by its folder name."""
+    if "=" in spec:
+        label, path = spec.split("=", 1)
+        return label.strip(), path.strip()
+    return Path(spec).name or spec, spec
+
+
+@dataclass
+class EvalConfig(Common):
+    out: str = "runs/eval"
+    models: list[str] = field(default_factory=lambda: [f"sft={DEFAULT_MODEL}"])  # "label=path" entries
+    ref: str = DEFAULT_MODEL  # KL reference
+    reward_model: str | None = None  # adds the RM score column
+    dpo_model: str | None = None  # adds per-token heatmaps of beta_dpo * log(pi_dpo / pi_ref)
+    beta_dpo: float = 0.05
+    baseline: str | None = None  # label of the baseline for win rates; null = the first model
+    heatmap_model: str | None = None  # whose responses the heatmaps show; null = the last model
+    heatmaps: int = 4
+    task: str = "sentiment"
+    prompts: str | None = None  # a prompt file instead of the task's eval prompts
+    num_prompts: int | None = 128  # null = all
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    score_batch_size: int = 16
+
+
+@torch.no_grad()
+def _score(model, ref, rm, dpo, rollout, n_shared, cfg, accelerator, same_as_ref: bool) -> dict:
+    out = {"logp": [], "logp_ref": [], "rm": [], "logp_dpo": []}
+    for s in range(0, len(rollout.batch), cfg.score_batch_size):
+        b = rollout.batch.select(slice(s, s + cfg.score_batch_size)).to(accelerator.device)
+        with accelerator.autocast():
+            trunk = trunk_or_none(ref, n_shared, b)
+            logp_ref = token_logprobs(ref, b, trunk, n_shared, cfg.temperature)
+            out["logp_ref"].append(logp_ref)
+            out["logp"].append(logp_ref if same_as_ref else token_logprobs(model, b, trunk, n_shared, cfg.temperature))
+            if rm is not None:
+                out["rm"].append(sequence_scores(token_values(rm, b, trunk, n_shared), b))
+            if dpo is not None:
+                out["logp_dpo"].append(token_logprobs(dpo, b, trunk, n_shared, cfg.temperature))
+    return {k: torch.cat(v).cpu() for k, v in out.items() if v}
+
+
+def run(cfg: EvalConfig) -> dict:
+    run_, accelerator = start(cfg, "eval")
+    device = accelerator.device
+    specs = [parse_model(m) for m in cfg.models]
+    labels = [label for label, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must be unique, got {labels}")
+    baseline = cfg.baseline or labels[0]
+    heat_label = cfg.heatmap_model or labels[-1]
+    for name, value in (("baseline", baseline), ("heatmap_model", heat_label)):
+        if value not in labels:
+            raise ValueError(f"--{name} {value!r} is not one of the model labels {labels}")
+
+    prompts = task_prompts(cfg.task, cfg.prompts, "eval", cfg.num_prompts, cfg.seed)
+    scorer = get_task(cfg.task).gold_scorer()
+    tokenizer = load_tokenizer(cfg.ref, cfg.trust_remote_code)
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.system_prompt)
+    ref = load_causal_lm(cfg.ref, cfg.trust_remote_code).to(device).eval()
+    rm = ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code).to(device).eval() if cfg.reward_model else None
+    dpo = load_causal_lm(cfg.dpo_model, cfg.trust_remote_code).to(device).eval() if cfg.dpo_model else None
+    rm_mean, rm_std = (float(rm.meta.get("reward_mean", 0.0)), float(rm.meta.get("reward_std", 1.0))) if rm else (0, 1)
+
+    results, heatmaps, samples = {}, [], []
+    for label, path in specs:
+        same_as_ref = resolve_model(path) == resolve_model(cfg.ref)
+        model = ref if same_as_ref else load_causal_lm(path, cfg.trust_remote_code).to(device).eval()
+        torch.manual_seed(cfg.seed)  # the same sampling noise for every model: paired comparisons
+        rollout = generate(model, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           top_p=cfg.top_p, batch_size=cfg.batch_size, autocast=accelerator.autocast,
+                           desc=f"eval {label}", progress=cfg.progress)
+        texts = decode_responses(tokenizer, rollout.response_ids)
+        gold = torch.tensor(scorer(texts), dtype=torch.float64)
+        roles = [m for m in (model, ref, rm, dpo if label == heat_label else None) if m is not None]
+        n_shared = shared_trunk_layers(roles, cfg.train_layers)
+        scored = _score(model, ref, rm, dpo if label == heat_label else None, rollout, n_shared, cfg, accelerator,
+                        same_as_ref)
+        mask = rollout.batch.response_mask
+        kl = sequence_kl(scored["logp"], scored["logp_ref"], mask)
+        rm_scores = (scored["rm"] - rm_mean) / rm_std if "rm" in scored else None
+        results[label] = {"gold": gold, "kl": kl, "rm": rm_scores, "length": rollout.batch.response_lengths.double(),
+                          "ended": rollout.ended.double()}
+        write_jsonl(run_.dir / "samples" / f"{label}.jsonl", [
+            {"prompt": prompts[i][-1]["content"], "response": texts[i], "gold": float(gold[i]), "kl": float(kl[i]),
+             "rm": None if rm_scores is None else float(rm_scores[i]), "ended": bool(rollout.ended[i])}
+            for i in range(len(texts))])
+        samples.append({"model": label, "prompt": prompts[0][-1]["content"], "response": texts[0],
+                        "gold": float(gold[0])})
+        if "logp_dpo" in scored:
+            credit = cfg.beta_dpo * (scored["logp_dpo"] - scored["logp_ref"])
+            for i in range(min(cfg.heatmaps, len(texts))):
+                ids = rollout.response_ids[i]
+                heatmaps.append({
+                    "title": f"{label}, prompt {i + 1} (gold {float(gold[i]):.2f})",
+                    "prompt": prompts[i][-1]["content"],
+                    "tokens": [tokenizer.decode([t]) for t in ids],
+                    "values": credit[i, : len(ids)].tolist(),
+                    "label": f"{cfg.beta_dpo} * log(pi_dpo / pi_ref)",
+                })
+        run_.note(f"eval {label}: gold {gold.mean():.3f}, KL {kl.mean():.2f}, EOS rate {rollout.ended.float().mean():.2f}")
+        if model is not ref:
+            del model
+            gc.collect()
+
+    base = results[baseline]["gold"]
+    table = []
+    for label in labels:
+        r = results[label]
+        gold_mean, gold_ci = mean_ci95(r["gold"])
+        row = {"model": label, "gold_mean": gold_mean, "gold_ci95": gold_ci, "kl": float(r["kl"].mean()),
+               "rm_mean": None if r["rm"] is None else float(r["rm"].mean()),
+               "length": float(r["length"].mean()), "eos_rate": float(r["ended"].mean()), "n": len(r["gold"])}
+        if label != baseline:
+            row["gold_delta"], row["gold_delta_ci95"] = mean_ci95(r["gold"] - base)
+            row["win_rate"], row["win_rate_ci95"] = win_rate(r["gold"], base)
+        table.append(row)
+    report = {"table": table, "baseline": baseline, "heatmaps": heatmaps, "samples": samples,
+              "n_prompts": len(prompts), "seed": cfg.seed, "temperature": cfg.temperature,
+              "max_new_tokens": cfg.max_new_tokens, "task": cfg.task}
+    (run_.dir / "eval.json").write_text(json.dumps(report, indent=2))
+    from rto.report import format_table_markdown
+
+    run_.note(format_table_markdown(table, baseline, legend=False))
+    run_.finish({"models": labels, "baseline": baseline})
+    return report

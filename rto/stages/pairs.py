@@ -1,0 +1,75 @@
+"""`rto pairs`: sample k responses per prompt and rank them by the task's gold scorer.
+
+As in the DPO paper's sentiment experiment: for each prompt the best and the worst of k samples
+(by gold score) become one (chosen, rejected) pair; prompts whose samples all tie are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rto.data import write_jsonl
+from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+from rto.rollout import decode_responses, encode_prompts, generate
+from rto.stages.common import Common, start, task_prompts
+from rto.tasks import get_task
+
+
+@dataclass
+class PairsConfig(Common):
+    out: str = "runs/pairs"
+    policy: str = DEFAULT_MODEL  # the model that samples the responses
+    task: str = "sentiment"  # embedded task: its train prompts and its gold scorer
+    prompts: str | None = None  # a prompt file instead of the task's prompts
+    num_prompts: int | None = 320  # a seeded subset; null = all
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+
+
+def run(cfg: PairsConfig) -> dict:
+    if cfg.samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be >= 2, got {cfg.samples_per_prompt}")
+    run_, accelerator = start(cfg, "pairs")
+    prompts = task_prompts(cfg.task, cfg.prompts, "train", cfg.num_prompts, cfg.seed)
+    scorer = get_task(cfg.task).gold_scorer()
+    tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
+    model = load_causal_lm(cfg.policy, cfg.trust_remote_code).to(accelerator.device)
+
+    k = cfg.samples_per_prompt
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.system_prompt)
+    repeated = [ids for ids in prompt_ids for _ in range(k)]
+    rollout = generate(model, tokenizer, repeated, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, batch_size=cfg.batch_size, autocast=accelerator.autocast,
+                       desc="sampling pairs", progress=cfg.progress)
+    texts = decode_responses(tokenizer, rollout.response_ids)
+    scores = torch.tensor(scorer(texts)).view(len(prompts), k)
+    ended = rollout.ended.view(len(prompts), k)
+
+    rows, ties = [], 0
+    for i, prompt in enumerate(prompts):
+        best, worst = int(scores[i].argmax()), int(scores[i].argmin())
+        if scores[i, best] == scores[i, worst]:
+            ties += 1
+            continue
+        rows.append({
+            "prompt": prompt,
+            "chosen": texts[i * k + best], "rejected": texts[i * k + worst],
+            "chosen_ended": bool(ended[i, best]), "rejected_ended": bool(ended[i, worst]),
+            "chosen_score": float(scores[i, best]), "rejected_score": float(scores[i, worst]),
+        })
+    path = write_jsonl(run_.dir / "pairs.jsonl", rows)
+    summary = {
+        "prompts": len(prompts), "samples": len(texts), "pairs": len(rows), "ties_dropped": ties,
+        "gold_mean": float(scores.mean()), "eos_rate": float(rollout.ended.float().mean()),
+        "chosen_minus_rejected": float(sum(r["chosen_score"] - r["rejected_score"] for r in rows) / max(len(rows), 1)),
+        "file": str(path),
+    }
+    run_.note(f"pairs: {len(rows)} pairs from {len(prompts)} prompts x {k} samples "
+              f"({ties} prompts dropped: all samples tied); gold mean {summary['gold_mean']:.3f}; -> {path}")
+    run_.finish(summary)
+    return summary

@@ -1,0 +1,146 @@
+"""`rto pipeline RECIPE.yaml` and `rto demo`: run stages in order, skipping finished ones.
+
+A recipe is YAML:
+
+    title: my run
+    out: runs/mine                 # the run folder; "{run}" in any string below stands for it
+    defaults: {seed: 0}            # applied to every stage that has the field
+    stages:
+      - {name: pairs, stage: pairs, num_prompts: 320}
+      - {name: rm, stage: rm, pairs: "{run}/pairs/pairs.jsonl"}
+      ...
+
+Each stage writes to `{run}/{name}` unless it sets `out`. A stage whose folder holds a DONE marker
+is skipped, so re-running a pipeline after a crash resumes at the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from rto.runtime import is_done
+from rto.stages import dpo, eval as eval_stage, pairs, ppo, report, rm, sft
+
+STAGES = {
+    "pairs": (pairs.PairsConfig, pairs.run),
+    "sft": (sft.SFTConfig, sft.run),
+    "rm": (rm.RMConfig, rm.run),
+    "dpo": (dpo.DPOConfig, dpo.run),
+    "ppo": (ppo.PPOConfig, ppo.run),
+    "eval": (eval_stage.EvalConfig, eval_stage.run),
+    "report": (report.ReportConfig, report.run),
+}
+ALWAYS_RUN = {"report"}  # cheap, and should reflect the latest results
+
+
+@dataclass
+class PipelineConfig:
+    recipe: str  # path of the recipe YAML
+    out: str | None = None  # overrides the recipe's `out`
+    seed: int | None = None  # overrides every stage's seed
+    precision: str | None = None  # overrides every stage's precision
+    threads: int | None = None
+    progress: bool = True
+
+
+def _fill(value, run_dir: str):
+    if isinstance(value, str):
+        return value.replace("{run}", run_dir)
+    if isinstance(value, list):
+        return [_fill(v, run_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, run_dir) for k, v in value.items()}
+    return value
+
+
+def stage_configs(recipe: dict, source: str, overrides: dict) -> list[tuple[str, str, object]]:
+    """Recipe dict -> [(name, stage, config)], with clear errors naming the recipe and the stage."""
+    run_dir = str(overrides.get("out") or recipe.get("out") or "runs/pipeline")
+    defaults = {**(recipe.get("defaults") or {}), **{k: v for k, v in overrides.items() if k != "out" and v is not None}}
+    entries = recipe.get("stages")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{source}: needs a non-empty `stages` list")
+    out = []
+    for i, entry in enumerate(entries, 1):
+        entry = dict(entry or {})
+        stage = entry.pop("stage", None)
+        if stage not in STAGES:
+            raise ValueError(f"{source}: stage {i} has stage {stage!r}; use one of: {', '.join(STAGES)}")
+        name = entry.pop("name", stage)
+        config_cls = STAGES[stage][0]
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ValueError(f"{source}: stage {name!r} ({stage}) has unknown fields {unknown}; known: {sorted(known)}")
+        values = {k: v for k, v in defaults.items() if k in known}
+        values.update(entry)
+        values.setdefault("out", f"{{run}}/{name}")
+        values = _fill(values, run_dir)
+        for k, v in values.items():  # YAML lists -> tuples where the config expects tuples
+            if isinstance(v, list) and "tuple" in str(config_cls.__dataclass_fields__[k].type):
+                values[k] = tuple(v)
+        out.append((name, stage, config_cls(**values)))
+    return out
+
+
+def run(cfg: PipelineConfig) -> Path:
+    source = str(cfg.recipe)
+    try:
+        recipe = yaml.safe_load(Path(cfg.recipe).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{source}: cannot read the recipe: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{source}: a recipe is a YAML mapping with `out` and `stages`")
+    overrides = {"out": cfg.out, "seed": cfg.seed, "precision": cfg.precision, "threads": cfg.threads,
+                 "progress": cfg.progress}
+    configs = stage_configs(recipe, source, overrides)
+    run_dir = Path(cfg.out or recipe.get("out") or "runs/pipeline")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / "pipeline.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state.update({"recipe": source, "phase_times": state.get("phase_times", {})})
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for name, stage, config in configs:
+        if stage not in ALWAYS_RUN and is_done(config.out):
+            print(f"pipeline: {name} already done in {config.out}; skipping")
+            continue
+        print(f"pipeline: {name} ({stage}) -> {config.out}", flush=True)
+        started = time.time()
+        STAGES[stage][1](config)
+        if stage not in ALWAYS_RUN:
+            state["phase_times"][name] = round(time.time() - started, 2)
+        state_path.write_text(json.dumps(state, indent=2))
+    return run_dir
+
+
+DEMO_RECIPE = "demo.yaml"
+
+
+def demo_recipe() -> str:
+    """Path of the built-in demo recipe (copy it to start a recipe of your own)."""
+    return str(resources.files("rto.recipes").joinpath(DEMO_RECIPE))
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    seed: int | None = None  # overrides every stage's seed (the recipe uses 0)
+    precision: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
+def demo(cfg: DemoConfig) -> Path:
+    """The whole RTO pipeline on the embedded default (recipe rto/recipes/demo.yaml), then the report."""
+    started = time.time()
+    run_dir = run(PipelineConfig(recipe=demo_recipe(), out=cfg.out, seed=cfg.seed, precision=cfg.precision,
+                                 threads=cfg.threads, progress=cfg.progress))
+    print(f"demo: finished in {time.time() - started:.0f} s; open {run_dir / 'report.html'} (or report.md)")
+    return run_dir

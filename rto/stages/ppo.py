@@ -1,0 +1,258 @@
+"""`rto ppo --reward rto|sparse`: PPO with RTO's dense token reward, or classic sparse-reward PPO.
+
+One iteration, in order (every detail visible here, CleanRL-style):
+  1. rollout  - sample one response per prompt from the policy (temperature T), cut after the first EOS
+  2. scoring  - log-probs of policy, reference and DPO model at temperature T; critic values V(s_t);
+                reward-model score on the last token, normalised with the RM's training statistics
+  3. rewards  - rto.rewards.token_rewards (paper eq. 4.7); sparse = the same without the DPO term
+  4. advantages - GAE (gamma, lambda), then whitened over the rollout
+  5. update   - clipped policy loss + clipped value loss, minibatches, gradient clipping
+Reference, DPO model and reward model are frozen and stay in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from rto.advantages import gae, masked_mean, masked_whiten
+from rto.experience import Experience, SequenceTensors, TokenTensors
+from rto.losses import policy_loss, value_loss
+from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, load_tokenizer, set_trainable
+from rto.rewards import KL_ESTIMATORS, adaptive_kl_coef, dpo_token_reward, sequence_kl, token_rewards
+from rto.rollout import decode_responses, encode_prompts, generate
+from rto.runtime import timed
+from rto.sequences import critic_values, sequence_scores, token_logprobs, token_values
+from rto.stages.common import (Common, make_optimizer, param_groups, save_model, shared_trunk_layers, start,
+                               task_prompts, trunk_or_none)
+from rto.tasks import get_task
+
+REWARDS = ("rto", "sparse")
+
+
+@dataclass
+class PPOConfig(Common):
+    out: str = "runs/ppo"
+    reward: str = "rto"  # rto: eq. 4.7 (dense DPO term + KL + RM at the end); sparse: classic PPO (KL + RM)
+    policy: str = DEFAULT_MODEL  # start of the policy (the SFT model)
+    ref: str | None = None  # KL reference; null = `policy`
+    dpo_model: str | None = None  # pi_dpo for the dense reward (needed by --reward rto)
+    reward_model: str = "runs/rm/model"
+    critic: str | None = None  # null = start from the reward model
+    task: str = "sentiment"  # train prompts and gold scorer (the gold score is logged, never trained on)
+    prompts: str | None = None  # a prompt file instead of the task's train prompts
+    iterations: int = 8
+    rollout_size: int = 32  # prompts (one response each) per iteration
+    minibatch_size: int = 8
+    ppo_epochs: int = 1
+    max_new_tokens: int = 40
+    temperature: float = 1.0  # sampling temperature; every log-prob is taken at it
+    top_p: float = 1.0
+    actor_lr: float = 3e-5
+    critic_lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    beta_dpo: float = 0.05  # paper's beta1
+    dpo_clip: float | None = 0.05  # clip of beta_dpo * log-ratio per token; null = none
+    beta_kl: float = 0.01  # paper's beta2 (initial value when adaptive_kl)
+    kl_estimator: str = "k1"
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # nats per response, for the adaptive controller
+    kl_horizon: int = 10000
+    beta_rm: float = 1.0  # paper's beta3
+    rm_clip: float | None = 10.0
+    missing_eos_penalty: float | None = None  # subtracted from the normalised RM score of responses without EOS
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float | None = 0.2
+    whiten_advantages: bool = True
+    generation_batch_size: int = 32
+    score_batch_size: int = 16
+
+
+def check_config(cfg: PPOConfig) -> None:
+    if cfg.reward not in REWARDS:
+        raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, got {cfg.reward!r}")
+    if cfg.reward == "rto" and not cfg.dpo_model:
+        raise ValueError("--reward rto needs --dpo_model (a DPO-trained model, e.g. the `model` folder written by "
+                         "`rto dpo`); use --reward sparse for classic PPO")
+    if cfg.kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"--kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
+    if cfg.rollout_size % cfg.minibatch_size:
+        raise ValueError(f"rollout_size ({cfg.rollout_size}) must be a multiple of minibatch_size ({cfg.minibatch_size})")
+
+
+def frozen(model):
+    model.eval().requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerator, rm_stats) -> Experience:
+    """Step 2: every model looks at the sampled tokens once; the shared trunk is kept for the update."""
+    device, T = accelerator.device, cfg.temperature
+    cols: dict[str, list] = {k: [] for k in ("logp", "logp_ref", "logp_dpo", "values", "rm_raw", "trunk")}
+    for s in range(0, len(rollout.batch), cfg.score_batch_size):
+        b = rollout.batch.select(slice(s, s + cfg.score_batch_size)).to(device)
+        with accelerator.autocast():
+            trunk = trunk_or_none(roles["ref"], n_shared, b)
+            cols["trunk"].append(trunk)
+            cols["logp"].append(token_logprobs(roles["policy"], b, trunk, n_shared, T))
+            cols["logp_ref"].append(token_logprobs(roles["ref"], b, trunk, n_shared, T))
+            if roles.get("dpo") is not None:
+                cols["logp_dpo"].append(token_logprobs(roles["dpo"], b, trunk, n_shared, T))
+            cols["values"].append(critic_values(token_values(roles["critic"], b, trunk, n_shared), b))
+            cols["rm_raw"].append(sequence_scores(token_values(roles["rm"], b, trunk, n_shared), b))
+    cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in cols.items()}
+    batch = rollout.batch.to(device)
+    ended = rollout.ended.to(device)
+    rm_score = (cat["rm_raw"] - rm_stats[0]) / rm_stats[1]
+    if cfg.missing_eos_penalty is not None:
+        rm_score = torch.where(ended, rm_score, rm_score - cfg.missing_eos_penalty)
+    tokens = TokenTensors(logp=cat["logp"], logp_ref=cat["logp_ref"], values=cat["values"], logp_dpo=cat["logp_dpo"])
+    seqs = SequenceTensors(rm_raw=cat["rm_raw"], rm_score=rm_score, ended=ended, length=batch.response_lengths)
+    return Experience(batch=batch, tokens=tokens, seqs=seqs, trunk=cat["trunk"])
+
+
+def run(cfg: PPOConfig) -> dict:
+    check_config(cfg)
+    run_, accelerator = start(cfg, f"ppo --reward {cfg.reward}")
+    device = accelerator.device
+    prompts = task_prompts(cfg.task, cfg.prompts, "train", None, cfg.seed)
+    gold_scorer = get_task(cfg.task).gold_scorer()
+    tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
+    load = lambda path: load_causal_lm(path, cfg.trust_remote_code).to(device)  # noqa: E731
+    roles = {
+        "policy": load(cfg.policy),
+        "ref": frozen(load(cfg.ref or cfg.policy)),
+        "dpo": frozen(load(cfg.dpo_model)) if cfg.reward == "rto" else None,
+        "rm": frozen(ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code).to(device)),
+        "critic": ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code).to(device),
+    }
+    policy, critic = roles["policy"], roles["critic"]
+    policy.eval(), critic.eval()  # no dropout in rollouts or updates; gradients still flow
+    set_trainable(policy, cfg.train_layers)
+    set_trainable(critic, cfg.train_layers)
+    n_shared = shared_trunk_layers([m for m in roles.values() if m is not None], cfg.train_layers)
+    if cfg.train_layers and not n_shared:
+        run_.note("ppo: the roles differ in their bottom layers, so each runs its full stack (slower)")
+    meta = roles["rm"].meta
+    if "reward_mean" not in meta:
+        run_.note(f"ppo: {cfg.reward_model} has no reward statistics; scores are used unnormalised")
+    rm_stats = (float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)))
+
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.system_prompt)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(prompts), generator=gen).tolist()
+    updates_per_iter = cfg.ppo_epochs * (cfg.rollout_size // cfg.minibatch_size)
+    total = cfg.iterations * updates_per_iter
+    opt_kw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                  min_lr_ratio=cfg.min_lr_ratio)
+    actor_opt, actor_sched = make_optimizer(param_groups(policy, cfg.actor_lr), total, **opt_kw)
+    critic_opt, critic_sched = make_optimizer(param_groups(critic, cfg.critic_lr), total, **opt_kw)
+    actor_params = [p for p in policy.parameters() if p.requires_grad]
+    critic_params = [p for p in critic.parameters() if p.requires_grad]
+    beta_kl = cfg.beta_kl
+    history = []
+
+    for it in tqdm(range(1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter", disable=not cfg.progress):
+        times: dict[str, float] = {}
+        start_at = (it - 1) * cfg.rollout_size
+        idx = [order[(start_at + j) % len(order)] for j in range(cfg.rollout_size)]
+
+        # 1. rollout
+        with timed(times, "time_generate_s"):
+            rollout = generate(policy, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
+                               autocast=accelerator.autocast, desc="rollout", progress=cfg.progress)
+        texts = decode_responses(tokenizer, rollout.response_ids)
+
+        # 2. scoring
+        with timed(times, "time_score_s"):
+            exp = score_rollout(rollout, roles, n_shared, cfg, accelerator, rm_stats)
+            exp.texts = texts
+            exp.seqs.gold = torch.tensor(gold_scorer(texts))  # logged only
+        mask, tok = exp.batch.response_mask, exp.tokens
+
+        # 3. token rewards (paper eq. 4.7; the DPO term only for --reward rto)
+        tok.rewards = token_rewards(
+            tok.logp, tok.logp_ref, mask, logp_dpo=tok.logp_dpo, rm_score=exp.seqs.rm_score,
+            beta_dpo=cfg.beta_dpo, beta_kl=beta_kl, beta_rm=cfg.beta_rm, dpo_clip=cfg.dpo_clip,
+            rm_clip=cfg.rm_clip, kl_estimator=cfg.kl_estimator,
+        )
+        # 4. advantages: GAE, whitened over the whole rollout
+        tok.advantages, tok.returns = gae(tok.rewards, tok.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            tok.advantages = masked_whiten(tok.advantages, mask)
+
+        # 5. update: clipped policy and value losses on minibatches
+        stats: dict[str, list] = {}
+        with timed(times, "time_update_s"):
+            for _ in range(cfg.ppo_epochs):
+                for mb in exp.minibatches(cfg.minibatch_size, gen):
+                    b, m = mb.batch, mb.batch.response_mask
+                    with accelerator.autocast():
+                        logp = token_logprobs(policy, b, mb.trunk, n_shared, cfg.temperature)
+                        pg_loss, pg_stats = policy_loss(logp, mb.tokens.logp, mb.tokens.advantages, m, cfg.clip)
+                        values = critic_values(token_values(critic, b, mb.trunk, n_shared), b)
+                        vf_loss, vf_stats = value_loss(values, mb.tokens.values, mb.tokens.returns, m, cfg.value_clip)
+                    accelerator.backward(pg_loss + vf_loss)  # separate parameters: each loss reaches its own model
+                    actor_gn = torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
+                    critic_gn = torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
+                    for opt, sched in ((actor_opt, actor_sched), (critic_opt, critic_sched)):
+                        opt.step()
+                        sched.step()
+                        opt.zero_grad(set_to_none=True)
+                    for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "actor_grad_norm": actor_gn,
+                                 "critic_grad_norm": critic_gn, **pg_stats, **vf_stats}.items():
+                        stats.setdefault(k, []).append(float(v))
+
+        # logging (and the adaptive KL controller, which acts on the next rollout)
+        kl = sequence_kl(tok.logp, tok.logp_ref, mask)
+        metrics = {
+            "iteration": it, "prompts_seen": it * cfg.rollout_size,
+            "gold": float(exp.seqs.gold.mean()), "rm": float(exp.seqs.rm_score.mean()),
+            "rm_raw": float(exp.seqs.rm_raw.mean()), "kl": float(kl.mean()), "kl_coef": beta_kl,
+            "reward_total": float((tok.rewards * mask).sum(-1).mean()),
+            "eos_rate": float(exp.seqs.ended.float().mean()), "length": float(exp.seqs.length.float().mean()),
+            "value_mean": float(masked_mean(tok.values, mask)),
+            "lr": actor_sched.get_last_lr()[0],
+            **{k: sum(v) / len(v) for k, v in stats.items()}, **times,
+        }
+        if tok.logp_dpo is not None:
+            dense = dpo_token_reward(tok.logp_dpo, tok.logp_ref, cfg.beta_dpo, cfg.dpo_clip)
+            metrics["reward_dpo"] = float((dense * mask).sum(-1).mean())
+            if cfg.dpo_clip is not None:
+                raw = cfg.beta_dpo * (tok.logp_dpo - tok.logp_ref)
+                metrics["dpo_clipfrac"] = float(masked_mean((raw.abs() > cfg.dpo_clip).float(), mask))
+        run_.log(it, metrics)
+        history.append(metrics)
+        with open(run_.dir / "rollouts.jsonl", "a") as f:
+            for j in range(len(texts)):
+                f.write(json.dumps({"iteration": it, "prompt": prompts[idx[j]][-1]["content"], "response": texts[j],
+                                    "gold": float(exp.seqs.gold[j]), "rm": float(exp.seqs.rm_score[j]),
+                                    "ended": bool(exp.seqs.ended[j])}) + "\n")
+        if cfg.adaptive_kl:
+            beta_kl = adaptive_kl_coef(beta_kl, metrics["kl"], cfg.target_kl, cfg.kl_horizon, cfg.rollout_size)
+        if not all(math.isfinite(v) for v in (metrics["policy_loss"], metrics["value_loss"])):
+            raise FloatingPointError(f"ppo: non-finite loss at iteration {it}: {metrics}")
+
+    save_model(policy, tokenizer, run_.dir / "policy")
+    save_model(critic, tokenizer, run_.dir / "critic")
+    last = history[-1]
+    summary = {"iterations": cfg.iterations, "reward": cfg.reward, "final_gold": last["gold"], "final_kl": last["kl"],
+               "time_generate_s": sum(h["time_generate_s"] for h in history),
+               "time_score_s": sum(h["time_score_s"] for h in history),
+               "time_update_s": sum(h["time_update_s"] for h in history)}
+    run_.note(f"ppo ({cfg.reward}): {cfg.iterations} iterations; last rollout gold {last['gold']:.3f}, "
+              f"KL {last['kl']:.2f}, EOS rate {last['eos_rate']:.2f} -> {run_.dir / 'policy'}")
+    run_.finish(summary)
+    return summary

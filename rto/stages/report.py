@@ -1,0 +1,73 @@
+"""`rto report`: turn an eval folder and PPO/RTO run folders into report.md and report.html."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rto.report import write_report
+from rto.runtime import machine, read_metrics, versions
+
+
+@dataclass
+class ReportConfig:
+    out: str = "runs/demo"  # report.md, report.html and plots/ go here
+    eval: str = "runs/demo/eval"  # folder written by `rto eval`
+    curves: dict[str, str] = field(default_factory=dict)  # label -> `rto ppo` run folder
+    pipeline: str | None = None  # pipeline.json of `rto pipeline`, for the time per phase
+    title: str = "rto report"
+
+
+def _summary_lines(table: list[dict], baseline: str) -> list[str]:
+    lines = []
+    for row in table:
+        if row.get("gold_delta") is None:
+            continue
+        d, ci = row["gold_delta"], row["gold_delta_ci95"]
+        verdict = "above" if d - ci > 0 else "below" if d + ci < 0 else "not distinguishable from"
+        lines.append(f"{row['model']}: gold {row['gold_mean']:.3f} vs {baseline} {_gold(table, baseline):.3f} "
+                     f"(paired Δ {d:+.3f} ± {ci:.3f}, {verdict} {baseline}); KL {row['kl']:.2f}, "
+                     f"EOS rate {row['eos_rate']:.2f}")
+    return lines
+
+
+def _gold(table, label):
+    return next(r["gold_mean"] for r in table if r["model"] == label)
+
+
+def run(cfg: ReportConfig) -> tuple[Path, Path]:
+    eval_path = Path(cfg.eval) / "eval.json"
+    if not eval_path.exists():
+        raise FileNotFoundError(f"{eval_path} not found: run `rto eval --out {cfg.eval}` first")
+    ev = json.loads(eval_path.read_text())
+    pipeline = json.loads(Path(cfg.pipeline).read_text()) if cfg.pipeline and Path(cfg.pipeline).exists() else {}
+    phase_times = pipeline.get("phase_times", {})
+    setup = {
+        "task": ev.get("task"), "eval prompts": ev.get("n_prompts"), "eval seed": ev.get("seed"),
+        "sampling": f"temperature {ev.get('temperature')}, at most {ev.get('max_new_tokens')} new tokens",
+        "machine": machine(), "versions": versions(),
+    }
+    if phase_times:
+        setup["wall_time_s"] = sum(phase_times.values())
+    if pipeline.get("recipe"):
+        setup["recipe"] = pipeline["recipe"]
+    results = {
+        "title": cfg.title,
+        "summary": _summary_lines(ev["table"], ev["baseline"]),
+        "setup": setup,
+        "table": ev["table"],
+        "baseline": ev["baseline"],
+        "curves": {label: read_metrics(folder) for label, folder in cfg.curves.items()},
+        "phase_times": phase_times,
+        "heatmaps": ev.get("heatmaps", []),
+        "samples": ev.get("samples", []),
+        "notes": [
+            "One training seed: the intervals cover the evaluation sample, not run-to-run variation.",
+            "Gold gains that come with longer responses and a lower EOS rate partly reward length; "
+            "read the length and EOS columns beside the gold score.",
+        ],
+    }
+    md, html_path = write_report(results, cfg.out)
+    print(f"report: {md} and {html_path}")
+    return md, html_path

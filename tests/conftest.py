@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny random Llama with the embedded model's tokenizer (fast, CPU-only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_tiny_model(folder, layers: int = 4, hidden: int = 64, seed: int = 0):
+    """A random 4-layer Llama saved with the SmolLM2 tokenizer and chat template (same vocabulary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rto.models import DEFAULT_MODEL, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
