@@ -213,7 +213,7 @@ def run(cfg: PPOConfig) -> dict:
                         opt.zero_grad(set_to_none=True)
                     for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "actor_grad_norm": actor_gn,
                                  "critic_grad_norm": critic_gn, **pg_stats, **vf_stats}.items():
-                        stats.setdefault(k, []).append(float(v))
+                        stats.setdefault(k, []).append(float(v.detach() if torch.is_tensor(v) else v))
 
         # logging (and the adaptive KL controller, which acts on the next rollout)
         kl = sequence_kl(tok.logp, tok.logp_ref, mask)

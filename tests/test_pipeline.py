@@ -1,0 +1,66 @@
+"""The whole pipeline (pairs, SFT, RM, DPO, PPO, RTO, eval, report) on a tiny random model, ~30 s."""
+
+import json
+
+import yaml
+
+from rto.cli import main
+from rto.runtime import read_metrics
+
+
+def _recipe(tmp_path, model):
+    run = tmp_path / "run"
+    ppo = dict(policy=model, reward_model="{run}/rm/model", iterations=2, rollout_size=8, minibatch_size=4,
+               max_new_tokens=8)
+    recipe = {
+        "out": str(run),
+        "defaults": {"seed": 0, "train_layers": 2, "progress": False},
+        "stages": [
+            {"stage": "pairs", "policy": model, "num_prompts": 24, "max_new_tokens": 8},
+            {"stage": "sft", "model": model, "data": "{run}/pairs/pairs.jsonl", "batch_size": 4},
+            {"stage": "rm", "model": model, "pairs": "{run}/pairs/pairs.jsonl", "epochs": 1, "batch_size": 4},
+            {"stage": "dpo", "model": model, "pairs": "{run}/pairs/pairs.jsonl", "batch_size": 4},
+            {"name": "ppo", "stage": "ppo", "reward": "sparse", **ppo},
+            {"name": "rto", "stage": "ppo", "reward": "rto", "dpo_model": "{run}/dpo/model", **ppo},
+            {"stage": "eval", "ref": model, "num_prompts": 8, "max_new_tokens": 8, "baseline": "sft",
+             "models": [f"sft={model}", "dpo={run}/dpo/model", "ppo={run}/ppo/policy", "rto={run}/rto/policy"],
+             "reward_model": "{run}/rm/model", "dpo_model": "{run}/dpo/model", "heatmap_model": "rto"},
+            {"stage": "report", "out": "{run}", "eval": "{run}/eval", "pipeline": "{run}/pipeline.json",
+             "curves": {"ppo": "{run}/ppo", "rto": "{run}/rto"}},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, run
+
+
+def test_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model, capsys):
+    recipe, run = _recipe(tmp_path, tiny_model)
+    assert main(["pipeline", str(recipe)]) == 0
+
+    pairs = [json.loads(line) for line in (run / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    meta = json.loads((run / "rm" / "model" / "rto_model.json").read_text())
+    assert meta["reward_std"] > 0
+    for stage in ("sft", "dpo"):
+        assert (run / stage / "model" / "model.safetensors").exists()
+    for method in ("ppo", "rto"):
+        assert (run / method / "policy" / "model.safetensors").exists()
+        assert (run / method / "critic" / "value_head.safetensors").exists()
+        rows = read_metrics(run / method)
+        assert [r["iteration"] for r in rows] == [1, 2]
+        assert ("reward_dpo" in rows[0]) == (method == "rto")
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert [r["model"] for r in ev["table"]] == ["sft", "dpo", "ppo", "rto"]
+    assert ev["table"][0]["kl"] == 0.0 and all(r["n"] == 8 for r in ev["table"])
+    assert ev["heatmaps"] and len(ev["heatmaps"][0]["tokens"]) == len(ev["heatmaps"][0]["values"])
+    html = (run / "report.html").read_text()
+    assert "Per-token credit" in html and "rto" in html
+    assert "| sft |" in (run / "report.md").read_text()
+    phases = json.loads((run / "pipeline.json").read_text())["phase_times"]
+    assert set(phases) == {"pairs", "sft", "rm", "dpo", "ppo", "rto", "eval"}
+
+    # a second run finds every stage done and only rewrites the report
+    capsys.readouterr()
+    assert main(["pipeline", str(recipe)]) == 0
+    assert capsys.readouterr().out.count("already done") == 7

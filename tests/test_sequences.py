@@ -1,0 +1,82 @@
+"""Batch layout, log-probs and the shared frozen trunk, on a tiny random Llama."""
+
+import torch
+
+from rto.models import ValueModel, load_causal_lm, set_trainable, shares_trunk, trunk_hidden
+from rto.sequences import (collate, critic_values, cut_at_eos, nll_loss, sequence_scores, token_logprobs,
+                           token_values)
+
+
+def test_collate_layout_by_hand():
+    b = collate([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)
+    assert b.prompt_width == 2
+    assert b.input_ids.tolist() == [[5, 6, 1, 2, 3], [0, 7, 4, 0, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 1, 1, 1]]
+    assert b.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b.response_lengths.tolist() == [3, 1]
+
+
+def test_masks_do_not_depend_on_pad_equal_to_eos():
+    eos = 9  # pad == eos, as for SmolLM2: a response that ends with EOS keeps it in the mask
+    b = collate([[5]], [[1, eos]], pad_id=eos)
+    assert b.response_mask.tolist() == [[1, 1]]
+
+
+def test_cut_at_eos_keeps_the_first_eos():
+    assert cut_at_eos([1, 2, 9, 3, 9], {9}) == ([1, 2, 9], True)
+    assert cut_at_eos([1, 2, 3], {9}) == ([1, 2, 3], False)
+
+
+def _batch():
+    return collate([[11, 12, 13], [14]], [[21, 22, 23, 24], [25, 26]], pad_id=0)
+
+
+def test_token_logprobs_match_a_plain_forward(tiny_model):
+    model = load_causal_lm(tiny_model).eval()
+    b = _batch()
+    lp = token_logprobs(model, b, temperature=0.7)
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+    P = b.prompt_width
+    for row, length in enumerate(b.response_lengths.tolist()):
+        for t in range(length):
+            want = torch.log_softmax(logits[row, P + t - 1] / 0.7, -1)[b.input_ids[row, P + t]]
+            assert torch.allclose(lp[row, t], want, atol=1e-5)
+        assert (lp[row, length:] == 0).all()
+
+
+def test_shared_trunk_gives_the_same_logprobs_and_values(tiny_model):
+    policy = load_causal_lm(tiny_model).eval()
+    critic = ValueModel.from_pretrained(tiny_model).eval()
+    torch.nn.init.normal_(critic.head.weight)
+    for m in (policy, critic):
+        set_trainable(m, 2)
+    assert shares_trunk([policy, critic], 2)
+    b = _batch()
+    trunk = trunk_hidden(policy, 2, b.input_ids, b.attention_mask, b.position_ids)
+    assert torch.allclose(token_logprobs(policy, b, trunk, 2), token_logprobs(policy, b), atol=1e-5)
+    assert torch.allclose(token_values(critic, b, trunk, 2), token_values(critic, b), atol=1e-5)
+
+
+def test_trunk_differs_after_the_bottom_layers_change(tiny_model):
+    a, b = load_causal_lm(tiny_model), load_causal_lm(tiny_model)
+    with torch.no_grad():
+        b.model.layers[0].mlp.up_proj.weight.add_(1e-3)
+    assert not shares_trunk([a, b], 2)
+
+
+def test_value_columns_and_scores():
+    b = _batch()
+    values = torch.arange(10.0).view(2, 5)  # [B, T+1]
+    assert critic_values(values, b).tolist() == [[0, 1, 2, 3], [5, 6, 0, 0]]
+    assert sequence_scores(values, b).tolist() == [4.0, 7.0]  # column = response length
+
+
+def test_partial_training_freezes_the_bottom(tiny_model):
+    model = load_causal_lm(tiny_model)
+    set_trainable(model, 1)
+    b = _batch()
+    nll_loss(model, b).backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad is None
+    assert model.model.embed_tokens.weight.grad is None
+    assert model.model.layers[-1].mlp.up_proj.weight.grad is not None
