@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -76,7 +77,10 @@ class Run:
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
-        self._metrics = open(self.dir / "metrics.jsonl", "a")
+        # a stage always starts from scratch, so rows and events of an interrupted attempt are dropped
+        self._metrics = open(self.dir / "metrics.jsonl", "w")
+        (self.dir / DONE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.dir / "tb", ignore_errors=True)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

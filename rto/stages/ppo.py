@@ -162,6 +162,7 @@ def run(cfg: PPOConfig) -> dict:
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     beta_kl = cfg.beta_kl
     history = []
+    (run_.dir / "rollouts.jsonl").unlink(missing_ok=True)
 
     for it in tqdm(range(1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter", disable=not cfg.progress):
         times: dict[str, float] = {}

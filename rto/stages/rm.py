@@ -48,29 +48,41 @@ def run(cfg: RMConfig) -> dict:
     set_trainable(model, cfg.train_layers)
     n_frozen = frozen_layers(model, cfg.train_layers)
 
-    def scores(items):
-        batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_prompt_tokens,
-                           cfg.max_response_tokens).to(accelerator.device)
-        s = sequence_scores(token_values(model, batch, trunk_or_none(model, n_frozen, batch), n_frozen), batch)
-        return s[: len(items)], s[len(items):]
+    last_epoch: list = []  # (batch, frozen trunk) of every step of the final epoch: the statistics pass reuses them
 
-    def loss_fn(items):
-        return bradley_terry_loss(*scores(items))
+    def scores(items, batch=None, trunk=None):
+        if batch is None:
+            batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_prompt_tokens,
+                               cfg.max_response_tokens).to(accelerator.device)
+            trunk = trunk_or_none(model, n_frozen, batch)
+        s = sequence_scores(token_values(model, batch, trunk, n_frozen), batch)
+        half = len(batch) // 2
+        return (s[:half], s[half:]), batch, trunk
+
+    def loss_fn(epoch_items):
+        epoch, items = epoch_items
+        (chosen, rejected), batch, trunk = scores(items)
+        if epoch == cfg.epochs - 1:
+            last_epoch.append((batch, trunk))
+        return bradley_terry_loss(chosen, rejected)
 
     total = steps_per_run(len(train), cfg.batch_size, cfg.epochs)
     optimizer, scheduler = make_optimizer(param_groups(model, cfg.lr, cfg.head_lr), total, cfg.betas,
                                           cfg.weight_decay, cfg.warmup_ratio, cfg.min_lr_ratio)
-    steps = fit(run_, accelerator, model, optimizer, scheduler, batches(train, cfg.batch_size, cfg.epochs, cfg.seed),
-                total, loss_fn, cfg.max_grad_norm, "reward model", cfg.progress)
+    tagged = ((epoch, (epoch, items)) for epoch, items in batches(train, cfg.batch_size, cfg.epochs, cfg.seed))
+    steps = fit(run_, accelerator, model, optimizer, scheduler, tagged, total, loss_fn, cfg.max_grad_norm,
+                "reward model", cfg.progress)
 
-    with accelerator.autocast():
-        chosen, rejected = score_in_batches(scores, train, 2 * cfg.batch_size)
+    with accelerator.autocast(), torch.no_grad():
+        # reward statistics of the training responses under the final weights (the final epoch saw each pair once)
+        final = [scores(None, batch, trunk)[0] for batch, trunk in last_epoch]
+        chosen, rejected = torch.cat([c for c, _ in final]), torch.cat([r for _, r in final])
         all_scores = torch.cat([chosen, rejected]).float()
         summary = {"steps": steps, "train_pairs": len(train), "heldout_pairs": len(heldout),
                    "reward_mean": float(all_scores.mean()), "reward_std": float(all_scores.std().clamp(min=1e-6)),
                    "train_accuracy": float((chosen > rejected).float().mean())}
         if heldout:
-            hc, hr = score_in_batches(scores, heldout, 2 * cfg.batch_size)
+            hc, hr = score_in_batches(lambda items: scores(items)[0], heldout, 2 * cfg.batch_size)
             summary["heldout_accuracy"] = float((hc > hr).float().mean())
     model.meta.update({k: summary[k] for k in ("reward_mean", "reward_std")})
     model.meta["trained_on"] = str(cfg.pairs)
