@@ -97,9 +97,21 @@ def critic_values(all_values: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
     return all_values[:, :-1] * batch.response_mask
 
 
-def sequence_scores(all_values: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
-    """Reward-model score of each sequence: the head output on its last response token, [B]."""
-    return all_values.gather(1, batch.response_lengths.unsqueeze(1)).squeeze(1)
+POOLINGS = ("last", "mean")
+
+
+def sequence_scores(all_values: torch.Tensor, batch: SeqBatch, pooling: str = "last") -> torch.Tensor:
+    """Reward-model score of each sequence, [B]:
+
+        last: v(s_H+1), the head output on the last response token (the usual reward model)
+        mean: (1/H) * sum_t v(s_t+1), the head output averaged over the response tokens
+    """
+    if pooling == "last":
+        return all_values.gather(1, batch.response_lengths.unsqueeze(1)).squeeze(1)
+    if pooling == "mean":
+        mask = batch.response_mask
+        return (all_values[:, 1:] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 def nll_loss(model, batch: SeqBatch, trunk=None, n_frozen: int = 0) -> torch.Tensor:

@@ -70,6 +70,8 @@ def test_value_columns_and_scores():
     values = torch.arange(10.0).view(2, 5)  # [B, T+1]
     assert critic_values(values, b).tolist() == [[0, 1, 2, 3], [5, 6, 0, 0]]
     assert sequence_scores(values, b).tolist() == [4.0, 7.0]  # column = response length
+    # mean pooling: row 0 averages columns 1..4 = (1+2+3+4)/4; row 1 columns 6, 7 = 6.5
+    assert sequence_scores(values, b, "mean").tolist() == [2.5, 6.5]
 
 
 def test_partial_training_freezes_the_bottom(tiny_model):

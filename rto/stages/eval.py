@@ -83,7 +83,7 @@ def _score(model, ref, rm, dpo, rollout, n_shared, cfg, accelerator, same_as_ref
             out["logp_ref"].append(logp_ref)
             out["logp"].append(logp_ref if same_as_ref else token_logprobs(model, b, trunk, n_shared, cfg.temperature))
             if rm is not None:
-                out["rm"].append(sequence_scores(token_values(rm, b, trunk, n_shared), b))
+                out["rm"].append(sequence_scores(token_values(rm, b, trunk, n_shared), b, rm.meta.get("pooling", "last")))
             if dpo is not None:
                 out["logp_dpo"].append(token_logprobs(dpo, b, trunk, n_shared, cfg.temperature))
     return {k: torch.cat(v).cpu() for k, v in out.items() if v}

@@ -110,7 +110,8 @@ def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerat
             if roles.get("dpo") is not None:
                 cols["logp_dpo"].append(token_logprobs(roles["dpo"], b, trunk, n_shared, T))
             cols["values"].append(critic_values(token_values(roles["critic"], b, trunk, n_shared), b))
-            cols["rm_raw"].append(sequence_scores(token_values(roles["rm"], b, trunk, n_shared), b))
+            cols["rm_raw"].append(sequence_scores(token_values(roles["rm"], b, trunk, n_shared), b,
+                                                  roles["rm"].meta.get("pooling", "last")))
     cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in cols.items()}
     batch = rollout.batch.to(device)
     ended = rollout.ended.to(device)

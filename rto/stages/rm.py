@@ -33,6 +33,7 @@ class RMConfig(Common):
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     eval_fraction: float = 0.1  # held-out pairs for accuracy
+    pooling: str = "last"  # score = head output on the last token, or its mean over the response ("mean")
     max_prompt_tokens: int = 256
     max_response_tokens: int = 256
 
@@ -55,7 +56,7 @@ def run(cfg: RMConfig) -> dict:
             batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_prompt_tokens,
                                cfg.max_response_tokens).to(accelerator.device)
             trunk = trunk_or_none(model, n_frozen, batch)
-        s = sequence_scores(token_values(model, batch, trunk, n_frozen), batch)
+        s = sequence_scores(token_values(model, batch, trunk, n_frozen), batch, cfg.pooling)
         half = len(batch) // 2
         return (s[:half], s[half:]), batch, trunk
 
@@ -86,6 +87,7 @@ def run(cfg: RMConfig) -> dict:
             summary["heldout_accuracy"] = float((hc > hr).float().mean())
     model.meta.update({k: summary[k] for k in ("reward_mean", "reward_std")})
     model.meta["trained_on"] = str(cfg.pairs)
+    model.meta["pooling"] = cfg.pooling
     save_model(model, tokenizer, run_.dir / "model")
     run_.note(f"rm: {steps} steps; train accuracy {summary['train_accuracy']:.3f}, held-out "
               f"{summary.get('heldout_accuracy', float('nan')):.3f} on {len(heldout)} pairs; "
