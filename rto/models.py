@@ -61,19 +61,26 @@ def materialize_embedded(name: str, cache: Path | None = None) -> Path:
         str(gguf_dir), gguf_file=filename, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=filename)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    return save_model(model, tokenizer, target, replace=False)  # replace=False: another process may have won
+
+
+def save_model(model, tokenizer, folder: str | Path, replace: bool = True) -> Path:
+    """`save_pretrained` (safetensors) of a causal LM or ValueModel plus its tokenizer, atomically: written
+    to a temporary sibling folder, then renamed into place. With replace=False an existing folder is kept."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
+        if folder.exists() and replace:
+            shutil.rmtree(folder)
+        if not folder.exists():
+            os.replace(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return folder
 
 
 def resolve_model(name_or_path: str) -> str:

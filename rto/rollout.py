@@ -8,7 +8,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from rto.sequences import SeqBatch, collate, cut_at_eos
+from rto.sequences import (SeqBatch, collate, critic_values, cut_at_eos, sequence_scores, shared_trunk,
+                           token_logprobs, token_values)
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -90,3 +91,34 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
 
 def decode_responses(tokenizer, response_ids: list[list[int]]) -> list[str]:
     return tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None, rm=None, n_shared: int = 0,
+                    temperature: float = 1.0, chunk: int = 16, autocast=None, device=None,
+                    keep_trunk: bool = False) -> dict[str, torch.Tensor]:
+    """Every given model reads the sampled tokens once, `chunk` sequences at a time, on one shared trunk.
+
+    Returns, on `device`: logp_ref and logp ([B, T], at `temperature`; logp is logp_ref when policy is None),
+    logp_dpo ([B, T]) when dpo is given, values ([B, T], the critic's V(s_t)) when critic is given, rm_raw
+    ([B], pooled as the reward model was trained) when rm is given, and trunk when keep_trunk.
+    """
+    cols: dict[str, list] = {}
+    for start in range(0, len(batch), chunk):
+        b = batch.select(slice(start, start + chunk)).to(device or batch.input_ids.device)
+        with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+            trunk = shared_trunk(ref, b, n_shared)
+            logp_ref = token_logprobs(ref, b, trunk, n_shared, temperature)
+            out = {"logp_ref": logp_ref,
+                   "logp": logp_ref if policy is None else token_logprobs(policy, b, trunk, n_shared, temperature)}
+            if dpo is not None:
+                out["logp_dpo"] = token_logprobs(dpo, b, trunk, n_shared, temperature)
+            if critic is not None:
+                out["values"] = critic_values(token_values(critic, b, trunk, n_shared), b)
+            if rm is not None:
+                out["rm_raw"] = sequence_scores(token_values(rm, b, trunk, n_shared), b, rm.meta.get("pooling", "last"))
+            if keep_trunk and trunk is not None:
+                out["trunk"] = trunk
+        for k, v in out.items():
+            cols.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in cols.items()}

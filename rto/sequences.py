@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from rto.models import ValueModel, role_hidden
+from rto.models import ValueModel, role_hidden, trunk_hidden
 
 
 @dataclass
@@ -69,6 +69,13 @@ def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
         if tok in eos_ids:
             return tokens[: i + 1], True
     return tokens, False
+
+
+def shared_trunk(model, batch: SeqBatch, n_frozen: int) -> torch.Tensor | None:
+    """The frozen bottom's hidden states for `batch` (None when nothing is shared: roles run their full stack)."""
+    if not n_frozen:
+        return None
+    return trunk_hidden(model, n_frozen, batch.input_ids, batch.attention_mask, batch.position_ids)
 
 
 def _response_hidden(model, batch: SeqBatch, trunk, n_frozen) -> torch.Tensor:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from rto.data import PreferencePair, load_prompts
-from rto.models import decoder_of, frozen_layers, shares_trunk, trunk_hidden
+from rto.data import PreferencePair, load_preferences, load_prompts
+from rto.models import frozen_layers, shares_trunk
 from rto.rollout import encode_prompts, encode_response
 from rto.runtime import Run, make_accelerator, resolve_precision, seed_everything
 from rto.sequences import SeqBatch, collate
@@ -34,6 +33,23 @@ class Common:
     trust_remote_code: bool = False  # never executes model code from the hub unless turned on
     threads: int | None = None  # torch CPU threads; null = torch's default
     progress: bool = True  # progress bars
+
+
+@dataclass
+class PairTraining(Common):
+    """Fields of the stages that train on a preference file (sft, rm, dpo)."""
+
+    epochs: int = 1
+    batch_size: int = 8  # pairs per step
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    eval_fraction: float = 0.1  # held-out pairs
+    max_prompt_tokens: int = 256
+    max_response_tokens: int = 256
 
 
 def start(cfg: Common, name: str) -> tuple[Run, object]:
@@ -83,23 +99,28 @@ def shared_trunk_layers(models: list, train_layers: int | None) -> int:
     return n if shares_trunk(models, n) else 0
 
 
-def trunk_or_none(model, n_frozen: int, batch: SeqBatch):
-    return trunk_hidden(model, n_frozen, batch.input_ids, batch.attention_mask, batch.position_ids) if n_frozen else None
+def frozen(model):
+    """A role that never trains: eval mode, no gradients."""
+    model.eval().requires_grad_(False)
+    return model
 
 
-def truncate(prompt: list[int], response: list[int], max_prompt: int, max_response: int):
-    return prompt[-max_prompt:], response[:max_response]
+def response_batch(tokenizer, prompts: list[list[dict]], responses: list[tuple[str, bool]],
+                   system_prompt: str | None, max_prompt_tokens: int, max_response_tokens: int) -> SeqBatch:
+    """Prompts with given (text, ended) responses as one SeqBatch; prompts keep their last tokens, responses
+    their first ones."""
+    prompt_ids = encode_prompts(tokenizer, prompts, system_prompt)
+    response_ids = [encode_response(tokenizer, text, ended)[:max_response_tokens] for text, ended in responses]
+    return collate([p[-max_prompt_tokens:] for p in prompt_ids], response_ids, tokenizer.pad_token_id)
 
 
 def pair_batch(tokenizer, pairs: list[PreferencePair], system_prompt: str | None,
                max_prompt_tokens: int, max_response_tokens: int) -> SeqBatch:
     """One SeqBatch of 2B rows: the B chosen responses first, then the B rejected ones."""
-    prompt_ids = encode_prompts(tokenizer, [p.prompt for p in pairs], system_prompt)
-    chosen = [encode_response(tokenizer, p.chosen, p.chosen_ended) for p in pairs]
-    rejected = [encode_response(tokenizer, p.rejected, p.rejected_ended) for p in pairs]
-    rows = [truncate(p, r, max_prompt_tokens, max_response_tokens)
-            for p, r in zip(prompt_ids + prompt_ids, chosen + rejected)]
-    return collate([p for p, _ in rows], [r for _, r in rows], tokenizer.pad_token_id)
+    prompts = [p.prompt for p in pairs]
+    responses = [(p.chosen, p.chosen_ended) for p in pairs] + [(p.rejected, p.rejected_ended) for p in pairs]
+    return response_batch(tokenizer, prompts + prompts, responses, system_prompt, max_prompt_tokens,
+                          max_response_tokens)
 
 
 def batches(items: list, size: int, epochs: int, seed: int):
@@ -112,10 +133,6 @@ def batches(items: list, size: int, epochs: int, seed: int):
             yield epoch, [items[i] for i in order[start : start + size]]
 
 
-def steps_per_run(n: int, size: int, epochs: int) -> int:
-    return math.ceil(n / size) * epochs
-
-
 def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """A seeded (train, held-out) split; held-out gets round(fraction * n) items."""
     order = list(range(len(items)))
@@ -124,48 +141,34 @@ def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [items[i] for i in order[k:]], [items[i] for i in order[:k]]
 
 
-def save_model(model, tokenizer, folder: Path) -> Path:
-    """save_pretrained (safetensors) of a causal LM or ValueModel plus its tokenizer, written atomically."""
-    import os
-    import shutil
-    import tempfile
-
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+def load_pair_split(path: str, cfg: PairTraining) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Validated preference pairs, split into (train, held-out)."""
+    train, heldout = split_heldout(load_preferences(path), cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise ValueError(f"{path}: no preference pairs to train on")
+    return train, heldout
 
 
-def n_layers(model) -> int:
-    return len(decoder_of(model).layers)
+def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: PairTraining, loss_fn, desc: str) -> int:
+    """The optimisation loop of the offline stages: AdamW with warm-up and cosine decay over shuffled
+    batches of `train`; loss -> backward -> clip -> step, one log row per step.
 
-
-def fit(run: Run, accelerator, model, optimizer, scheduler, batch_iter, total: int, loss_fn,
-        max_grad_norm: float, desc: str, progress: bool) -> int:
-    """The optimisation loop of the offline stages: loss -> backward -> clip -> step, one log row per step.
-
-    `loss_fn(items) -> (loss, stats)` builds and scores one batch. Returns the number of steps.
+    `loss_fn(epoch, items) -> (loss, stats)` builds and scores one batch. Returns the number of steps.
     """
     from tqdm.auto import tqdm
 
+    total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
+    optimizer, scheduler = make_optimizer(groups, total, cfg.betas, cfg.weight_decay, cfg.warmup_ratio,
+                                          cfg.min_lr_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     step = 0
-    with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
-        for epoch, items in batch_iter:
+    with tqdm(total=total, desc=desc, unit="step", disable=not cfg.progress) as bar:
+        for epoch, items in batches(train, cfg.batch_size, cfg.epochs, cfg.seed):
             with accelerator.autocast():
-                loss, stats = loss_fn(items)
+                loss, stats = loss_fn(epoch, items)
             accelerator.backward(loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -18,9 +18,8 @@ import torch
 from rto.data import write_jsonl
 from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, load_tokenizer, resolve_model
 from rto.rewards import sequence_kl
-from rto.rollout import decode_responses, encode_prompts, generate
-from rto.sequences import sequence_scores, token_logprobs, token_values
-from rto.stages.common import Common, shared_trunk_layers, start, task_prompts, trunk_or_none
+from rto.rollout import decode_responses, encode_prompts, generate, score_sequences
+from rto.stages.common import Common, shared_trunk_layers, start, task_prompts
 from rto.tasks import get_task
 
 Z95 = 1.959964
@@ -72,23 +71,6 @@ class EvalConfig(Common):
     score_batch_size: int = 16
 
 
-@torch.no_grad()
-def _score(model, ref, rm, dpo, rollout, n_shared, cfg, accelerator, same_as_ref: bool) -> dict:
-    out = {"logp": [], "logp_ref": [], "rm": [], "logp_dpo": []}
-    for s in range(0, len(rollout.batch), cfg.score_batch_size):
-        b = rollout.batch.select(slice(s, s + cfg.score_batch_size)).to(accelerator.device)
-        with accelerator.autocast():
-            trunk = trunk_or_none(ref, n_shared, b)
-            logp_ref = token_logprobs(ref, b, trunk, n_shared, cfg.temperature)
-            out["logp_ref"].append(logp_ref)
-            out["logp"].append(logp_ref if same_as_ref else token_logprobs(model, b, trunk, n_shared, cfg.temperature))
-            if rm is not None:
-                out["rm"].append(sequence_scores(token_values(rm, b, trunk, n_shared), b, rm.meta.get("pooling", "last")))
-            if dpo is not None:
-                out["logp_dpo"].append(token_logprobs(dpo, b, trunk, n_shared, cfg.temperature))
-    return {k: torch.cat(v).cpu() for k, v in out.items() if v}
-
-
 def run(cfg: EvalConfig) -> dict:
     run_, accelerator = start(cfg, "eval")
     device = accelerator.device
@@ -121,13 +103,17 @@ def run(cfg: EvalConfig) -> dict:
                            desc=f"eval {label}", progress=cfg.progress)
         texts = decode_responses(tokenizer, rollout.response_ids)
         gold = torch.tensor(scorer(texts), dtype=torch.float64)
-        roles = [m for m in (model, ref, rm, dpo if label == heat_label else None) if m is not None]
-        n_shared = shared_trunk_layers(roles, cfg.train_layers)
-        scored = _score(model, ref, rm, dpo if label == heat_label else None, rollout, n_shared, cfg, accelerator,
-                        same_as_ref)
+        heat_dpo = dpo if label == heat_label else None
+        roles = [m for m in (model, ref, rm, heat_dpo) if m is not None]
+        scored = score_sequences(
+            rollout.batch, ref=ref, policy=None if same_as_ref else model, dpo=heat_dpo, rm=rm,
+            n_shared=shared_trunk_layers(roles, cfg.train_layers), temperature=cfg.temperature,
+            chunk=cfg.score_batch_size, autocast=accelerator.autocast, device=device,
+        )
+        scored = {k: v.cpu() for k, v in scored.items()}
         mask = rollout.batch.response_mask
         kl = sequence_kl(scored["logp"], scored["logp_ref"], mask)
-        rm_scores = (scored["rm"] - rm_mean) / rm_std if "rm" in scored else None
+        rm_scores = (scored["rm_raw"] - rm_mean) / rm_std if "rm_raw" in scored else None
         results[label] = {"gold": gold, "kl": kl, "rm": rm_scores, "length": rollout.batch.response_lengths.double(),
                           "ended": rollout.ended.double()}
         write_jsonl(run_.dir / "samples" / f"{label}.jsonl", [

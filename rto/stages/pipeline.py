@@ -83,9 +83,6 @@ def stage_configs(recipe: dict, source: str, overrides: dict) -> list[tuple[str,
         values.update(entry)
         values.setdefault("out", f"{{run}}/{name}")
         values = _fill(values, run_dir)
-        for k, v in values.items():  # YAML lists -> tuples where the config expects tuples
-            if isinstance(v, list) and "tuple" in str(config_cls.__dataclass_fields__[k].type):
-                values[k] = tuple(v)
         out.append((name, stage, config_cls(**values)))
     return out
 

@@ -22,13 +22,12 @@ from tqdm.auto import tqdm
 from rto.advantages import gae, masked_mean, masked_whiten
 from rto.experience import Experience, SequenceTensors, TokenTensors
 from rto.losses import policy_loss, value_loss
-from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, load_tokenizer, set_trainable
+from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, load_tokenizer, save_model, set_trainable
 from rto.rewards import KL_ESTIMATORS, adaptive_kl_coef, dpo_token_reward, sequence_kl, token_rewards
-from rto.rollout import decode_responses, encode_prompts, generate
+from rto.rollout import decode_responses, encode_prompts, generate, score_sequences
 from rto.runtime import timed
-from rto.sequences import critic_values, sequence_scores, token_logprobs, token_values
-from rto.stages.common import (Common, make_optimizer, param_groups, save_model, shared_trunk_layers, start,
-                               task_prompts, trunk_or_none)
+from rto.sequences import critic_values, token_logprobs, token_values
+from rto.stages.common import Common, frozen, make_optimizer, param_groups, shared_trunk_layers, start, task_prompts
 from rto.tasks import get_task
 
 REWARDS = ("rto", "sparse")
@@ -90,37 +89,22 @@ def check_config(cfg: PPOConfig) -> None:
         raise ValueError(f"rollout_size ({cfg.rollout_size}) must be a multiple of minibatch_size ({cfg.minibatch_size})")
 
 
-def frozen(model):
-    model.eval().requires_grad_(False)
-    return model
-
-
-@torch.no_grad()
 def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerator, rm_stats) -> Experience:
     """Step 2: every model looks at the sampled tokens once; the shared trunk is kept for the update."""
-    device, T = accelerator.device, cfg.temperature
-    cols: dict[str, list] = {k: [] for k in ("logp", "logp_ref", "logp_dpo", "values", "rm_raw", "trunk")}
-    for s in range(0, len(rollout.batch), cfg.score_batch_size):
-        b = rollout.batch.select(slice(s, s + cfg.score_batch_size)).to(device)
-        with accelerator.autocast():
-            trunk = trunk_or_none(roles["ref"], n_shared, b)
-            cols["trunk"].append(trunk)
-            cols["logp"].append(token_logprobs(roles["policy"], b, trunk, n_shared, T))
-            cols["logp_ref"].append(token_logprobs(roles["ref"], b, trunk, n_shared, T))
-            if roles.get("dpo") is not None:
-                cols["logp_dpo"].append(token_logprobs(roles["dpo"], b, trunk, n_shared, T))
-            cols["values"].append(critic_values(token_values(roles["critic"], b, trunk, n_shared), b))
-            cols["rm_raw"].append(sequence_scores(token_values(roles["rm"], b, trunk, n_shared), b,
-                                                  roles["rm"].meta.get("pooling", "last")))
-    cat = {k: torch.cat(v) if v and v[0] is not None else None for k, v in cols.items()}
-    batch = rollout.batch.to(device)
-    ended = rollout.ended.to(device)
-    rm_score = (cat["rm_raw"] - rm_stats[0]) / rm_stats[1]
+    scored = score_sequences(
+        rollout.batch, ref=roles["ref"], policy=roles["policy"], dpo=roles["dpo"], critic=roles["critic"],
+        rm=roles["rm"], n_shared=n_shared, temperature=cfg.temperature, chunk=cfg.score_batch_size,
+        autocast=accelerator.autocast, device=accelerator.device, keep_trunk=True,
+    )
+    batch = rollout.batch.to(accelerator.device)
+    ended = rollout.ended.to(accelerator.device)
+    rm_score = (scored["rm_raw"] - rm_stats[0]) / rm_stats[1]
     if cfg.missing_eos_penalty is not None:
         rm_score = torch.where(ended, rm_score, rm_score - cfg.missing_eos_penalty)
-    tokens = TokenTensors(logp=cat["logp"], logp_ref=cat["logp_ref"], values=cat["values"], logp_dpo=cat["logp_dpo"])
-    seqs = SequenceTensors(rm_raw=cat["rm_raw"], rm_score=rm_score, ended=ended, length=batch.response_lengths)
-    return Experience(batch=batch, tokens=tokens, seqs=seqs, trunk=cat["trunk"])
+    tokens = TokenTensors(logp=scored["logp"], logp_ref=scored["logp_ref"], values=scored["values"],
+                          logp_dpo=scored.get("logp_dpo"))
+    seqs = SequenceTensors(rm_raw=scored["rm_raw"], rm_score=rm_score, ended=ended, length=batch.response_lengths)
+    return Experience(batch=batch, tokens=tokens, seqs=seqs, trunk=scored.get("trunk"))
 
 
 def run(cfg: PPOConfig) -> dict:
@@ -139,7 +123,8 @@ def run(cfg: PPOConfig) -> dict:
         "critic": ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code).to(device),
     }
     policy, critic = roles["policy"], roles["critic"]
-    policy.eval(), critic.eval()  # no dropout in rollouts or updates; gradients still flow
+    policy.eval()  # no dropout in rollouts or updates; gradients still flow
+    critic.eval()
     set_trainable(policy, cfg.train_layers)
     set_trainable(critic, cfg.train_layers)
     n_shared = shared_trunk_layers([m for m in roles.values() if m is not None], cfg.train_layers)
