@@ -145,6 +145,29 @@ class ValueModel(nn.Module):
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, path / VALUE_HEAD_FILE)
         (path / RTO_META_FILE).write_text(json.dumps(self.meta, indent=2))
 
+    def reward_stats(self) -> tuple[float, float] | None:
+        """(mean, std) of the reward model's scores on its training data, or None when not stored."""
+        if "reward_mean" not in self.meta:
+            return None
+        return float(self.meta["reward_mean"]), float(self.meta.get("reward_std", 1.0))
+
+    @torch.no_grad()
+    def normalize_head(self) -> None:
+        """Rescale the head so it outputs normalised scores: w' = w / sigma, b' = (b - mu) / sigma.
+
+        A critic started from a reward model then predicts on the scale of the normalised reward
+        ((r - mu) / sigma) that PPO trains on, instead of starting off by mu / sigma everywhere.
+        The statistics are dropped from `meta` afterwards (applying them twice would be wrong).
+        """
+        stats = self.reward_stats()
+        if stats is None:
+            return
+        mean, std = stats
+        self.head.weight.div_(std)
+        self.head.bias.sub_(mean).div_(std)
+        self.meta = {k: v for k, v in self.meta.items() if k not in ("reward_mean", "reward_std")}
+        self.meta["normalized_from"] = {"reward_mean": mean, "reward_std": std}
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, trust_remote_code: bool = False) -> "ValueModel":
         """Load a saved value model, or start one (zero head) from any causal LM."""

@@ -461,3 +461,15 @@ def test_garbage_only_raises_data_error(tmp_path, lines, name):
         except DataError as err:
             assert str(err).startswith(str(path))
             assert "\n" not in str(err)
+
+
+def test_heldout_split_keeps_the_pairs_of_a_prompt_together():
+    from rto.stages.common import split_heldout
+
+    items = [(p, j) for p in range(10) for j in range(3)]  # 10 prompts, 3 pairs each
+    train, heldout = split_heldout(items, 0.2, seed=0, key=lambda item: item[0])
+    assert len(heldout) == 6 and len(train) == 24  # 2 of the 10 prompts, with all their pairs
+    assert not {p for p, _ in train} & {p for p, _ in heldout}
+    # without a key every item is its own group
+    train, heldout = split_heldout(items, 0.2, seed=0)
+    assert len(heldout) == 6 and sorted(train + heldout) == items

@@ -16,9 +16,10 @@ def _recipe(tmp_path, model):
         "out": str(run),
         "defaults": {"seed": 0, "train_layers": 2, "progress": False},
         "stages": [
-            {"stage": "pairs", "policy": model, "num_prompts": 24, "max_new_tokens": 8},
+            {"stage": "pairs", "policy": model, "num_prompts": 24, "max_new_tokens": 8, "samples_per_prompt": 3,
+             "all_pairs": True},
             {"stage": "sft", "model": model, "data": "{run}/pairs/pairs.jsonl", "batch_size": 4},
-            {"stage": "rm", "model": model, "pairs": "{run}/pairs/pairs.jsonl", "epochs": 1, "batch_size": 4},
+            {"stage": "rm", "model": model, "pairs": "{run}/pairs/all_pairs.jsonl", "epochs": 1, "batch_size": 4},
             {"stage": "dpo", "model": model, "pairs": "{run}/pairs/pairs.jsonl", "batch_size": 4},
             {"name": "ppo", "stage": "ppo", "reward": "sparse", **ppo},
             {"name": "rto", "stage": "ppo", "reward": "rto", "dpo_model": "{run}/dpo/model", **ppo},
@@ -40,6 +41,10 @@ def test_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model, capsys):
 
     pairs = [json.loads(line) for line in (run / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    every = [json.loads(line) for line in (run / "pairs" / "all_pairs.jsonl").read_text().splitlines()]
+    assert all(p["chosen_score"] > p["rejected_score"] for p in every)
+    assert all(p in every for p in pairs)  # best-vs-worst is one of the untied pairs of its prompt
+    assert len(pairs) < len(every) <= 3 * len(pairs)  # at most 3 = k(k-1)/2 untied pairs per prompt
     meta = json.loads((run / "rm" / "model" / "rto_model.json").read_text())
     assert meta["reward_std"] > 0
     for stage in ("sft", "dpo"):

@@ -82,3 +82,17 @@ def test_partial_training_freezes_the_bottom(tiny_model):
     assert model.model.layers[0].mlp.up_proj.weight.grad is None
     assert model.model.embed_tokens.weight.grad is None
     assert model.model.layers[-1].mlp.up_proj.weight.grad is not None
+
+
+def test_critic_head_normalised_to_the_reward_statistics(tiny_model):
+    rm = ValueModel(load_causal_lm(tiny_model), meta={"reward_mean": 0.5, "reward_std": 2.0, "pooling": "mean"})
+    with torch.no_grad():
+        rm.head.weight.normal_()
+        rm.head.bias.fill_(1.5)
+    hidden = torch.randn(3, 64)
+    raw = rm.values(hidden)
+    rm.normalize_head()
+    assert torch.allclose(rm.values(hidden), (raw - 0.5) / 2.0, atol=1e-6)
+    assert rm.reward_stats() is None and rm.meta["pooling"] == "mean"
+    rm.normalize_head()  # no statistics left: a second call changes nothing
+    assert torch.allclose(rm.values(hidden), (raw - 0.5) / 2.0, atol=1e-6)

@@ -6,6 +6,7 @@ command line (YAML via --config, every field as --flag).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -133,17 +134,26 @@ def batches(items: list, size: int, epochs: int, seed: int):
             yield epoch, [items[i] for i in order[start : start + size]]
 
 
-def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded (train, held-out) split; held-out gets round(fraction * n) items."""
-    order = list(range(len(items)))
+def split_heldout(items: list, fraction: float, seed: int, key=None) -> tuple[list, list]:
+    """A seeded (train, held-out) split by group: held-out gets round(fraction * g) of the g groups.
+
+    Items with the same `key(item)` (e.g. several pairs of one prompt) land on the same side, so
+    held-out scores never come from prompts seen in training. key=None puts each item in its own group.
+    """
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(i if key is None else key(item), []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    k = round(fraction * len(items))
-    return [items[i] for i in order[k:]], [items[i] for i in order[:k]]
+    k = round(fraction * len(order))
+    pick = lambda parts: [items[i] for part in parts for i in part]  # noqa: E731
+    return pick(order[k:]), pick(order[:k])
 
 
 def load_pair_split(path: str, cfg: PairTraining) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Validated preference pairs, split into (train, held-out)."""
-    train, heldout = split_heldout(load_preferences(path), cfg.eval_fraction, cfg.seed)
+    """Validated preference pairs, split into (train, held-out) by prompt."""
+    prompt_key = lambda pair: json.dumps(pair.prompt, sort_keys=True)  # noqa: E731
+    train, heldout = split_heldout(load_preferences(path), cfg.eval_fraction, cfg.seed, prompt_key)
     if not train:
         raise ValueError(f"{path}: no preference pairs to train on")
     return train, heldout

@@ -91,7 +91,7 @@ def run(cfg: EvalConfig) -> dict:
     ref = load_causal_lm(cfg.ref, cfg.trust_remote_code).to(device).eval()
     rm = ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code).to(device).eval() if cfg.reward_model else None
     dpo = load_causal_lm(cfg.dpo_model, cfg.trust_remote_code).to(device).eval() if cfg.dpo_model else None
-    rm_mean, rm_std = (float(rm.meta.get("reward_mean", 0.0)), float(rm.meta.get("reward_std", 1.0))) if rm else (0, 1)
+    rm_mean, rm_std = (rm.reward_stats() if rm else None) or (0.0, 1.0)
 
     results, heatmaps, samples = {}, [], []
     for label, path in specs:

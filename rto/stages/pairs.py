@@ -1,7 +1,10 @@
 """`rto pairs`: sample k responses per prompt and rank them by the task's gold scorer.
 
 As in the DPO paper's sentiment experiment: for each prompt the best and the worst of k samples
-(by gold score) become one (chosen, rejected) pair; prompts whose samples all tie are dropped.
+(by gold score) become one (chosen, rejected) pair in `pairs.jsonl`; prompts whose samples all tie
+are dropped. With `all_pairs`, `all_pairs.jsonl` also holds every untied pair of the k samples
+(up to k(k-1)/2 per prompt, as InstructGPT trains its reward model): more comparisons for the
+same sampling cost.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class PairsConfig(Common):
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 64
+    all_pairs: bool = False  # also write all_pairs.jsonl with every untied pair of the k samples
 
 
 def run(cfg: PairsConfig) -> dict:
@@ -50,18 +54,19 @@ def run(cfg: PairsConfig) -> dict:
     scores = torch.tensor(scorer(texts)).view(len(prompts), k)
     ended = rollout.ended.view(len(prompts), k)
 
-    rows, ties = [], 0
-    for i, prompt in enumerate(prompts):
+    def pair(i: int, a: int, b: int) -> dict:  # sample a of prompt i preferred to sample b
+        return {"prompt": prompts[i], "chosen": texts[i * k + a], "rejected": texts[i * k + b],
+                "chosen_ended": bool(ended[i, a]), "rejected_ended": bool(ended[i, b]),
+                "chosen_score": float(scores[i, a]), "rejected_score": float(scores[i, b])}
+
+    rows, every, ties = [], [], 0
+    for i in range(len(prompts)):
         best, worst = int(scores[i].argmax()), int(scores[i].argmin())
         if scores[i, best] == scores[i, worst]:
             ties += 1
             continue
-        rows.append({
-            "prompt": prompt,
-            "chosen": texts[i * k + best], "rejected": texts[i * k + worst],
-            "chosen_ended": bool(ended[i, best]), "rejected_ended": bool(ended[i, worst]),
-            "chosen_score": float(scores[i, best]), "rejected_score": float(scores[i, worst]),
-        })
+        rows.append(pair(i, best, worst))
+        every += [pair(i, a, b) for a in range(k) for b in range(k) if scores[i, a] > scores[i, b]]
     path = write_jsonl(run_.dir / "pairs.jsonl", rows)
     summary = {
         "prompts": len(prompts), "samples": len(texts), "pairs": len(rows), "ties_dropped": ties,
@@ -69,7 +74,11 @@ def run(cfg: PairsConfig) -> dict:
         "chosen_minus_rejected": float(sum(r["chosen_score"] - r["rejected_score"] for r in rows) / max(len(rows), 1)),
         "file": str(path),
     }
+    if cfg.all_pairs:
+        summary["all_pairs"] = len(every)
+        summary["all_pairs_file"] = str(write_jsonl(run_.dir / "all_pairs.jsonl", every))
     run_.note(f"pairs: {len(rows)} pairs from {len(prompts)} prompts x {k} samples "
-              f"({ties} prompts dropped: all samples tied); gold mean {summary['gold_mean']:.3f}; -> {path}")
+              f"({ties} prompts dropped: all samples tied)"
+             f"{f', {len(every)} in all_pairs.jsonl' if cfg.all_pairs else ''}; gold mean {summary['gold_mean']:.3f}; -> {path}")
     run_.finish(summary)
     return summary

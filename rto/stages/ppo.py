@@ -122,6 +122,7 @@ def run(cfg: PPOConfig) -> dict:
         "rm": frozen(ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code).to(device)),
         "critic": ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code).to(device),
     }
+    roles["critic"].normalize_head()  # a critic started from the RM predicts normalised scores from step 1
     policy, critic = roles["policy"], roles["critic"]
     policy.eval()  # no dropout in rollouts or updates; gradients still flow
     critic.eval()
@@ -130,10 +131,10 @@ def run(cfg: PPOConfig) -> dict:
     n_shared = shared_trunk_layers([m for m in roles.values() if m is not None], cfg.train_layers)
     if cfg.train_layers and not n_shared:
         run_.note("ppo: the roles differ in their bottom layers, so each runs its full stack (slower)")
-    meta = roles["rm"].meta
-    if "reward_mean" not in meta:
+    rm_stats = roles["rm"].reward_stats()
+    if rm_stats is None:
         run_.note(f"ppo: {cfg.reward_model} has no reward statistics; scores are used unnormalised")
-    rm_stats = (float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)))
+        rm_stats = (0.0, 1.0)
 
     prompt_ids = encode_prompts(tokenizer, prompts, cfg.system_prompt)
     gen = torch.Generator().manual_seed(cfg.seed)
