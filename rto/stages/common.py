@@ -37,17 +37,23 @@ class Common:
 
 
 @dataclass
-class PairTraining(Common):
-    """Fields of the stages that train on a preference file (sft, rm, dpo)."""
+class Optimization:
+    """AdamW and schedule fields shared by every training stage (see make_optimizer)."""
 
-    epochs: int = 1
-    batch_size: int = 8  # pairs per step
-    lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+
+
+@dataclass
+class PairTraining(Optimization, Common):
+    """Fields of the stages that train on a preference file (sft, rm, dpo)."""
+
+    epochs: int = 1
+    batch_size: int = 8  # pairs per step
+    lr: float = 5e-5
     eval_fraction: float = 0.1  # held-out pairs
     max_prompt_tokens: int = 256
     max_response_tokens: int = 256
@@ -83,13 +89,12 @@ def param_groups(model, lr: float, head_lr: float | None = None) -> list[dict]:
     return groups
 
 
-def make_optimizer(groups, total_steps: int, betas=(0.9, 0.95), weight_decay: float = 0.0,
-                   warmup_ratio: float = 0.03, min_lr_ratio: float = 0.1):
-    """AdamW + linear warm-up + cosine decay to `min_lr_ratio` of the peak."""
-    optimizer = torch.optim.AdamW(groups, betas=tuple(betas), weight_decay=weight_decay)
+def make_optimizer(groups, total_steps: int, opt: Optimization):
+    """AdamW + linear warm-up + cosine decay to `opt.min_lr_ratio` of the peak."""
+    optimizer = torch.optim.AdamW(groups, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
-        num_training_steps=max(total_steps, 1), min_lr_rate=min_lr_ratio,
+        optimizer, num_warmup_steps=math.ceil(opt.warmup_ratio * total_steps),
+        num_training_steps=max(total_steps, 1), min_lr_rate=opt.min_lr_ratio,
     )
     return optimizer, scheduler
 
@@ -168,8 +173,7 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
     from tqdm.auto import tqdm
 
     total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
-    optimizer, scheduler = make_optimizer(groups, total, cfg.betas, cfg.weight_decay, cfg.warmup_ratio,
-                                          cfg.min_lr_ratio)
+    optimizer, scheduler = make_optimizer(groups, total, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     step = 0

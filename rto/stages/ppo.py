@@ -27,14 +27,15 @@ from rto.rewards import KL_ESTIMATORS, adaptive_kl_coef, dpo_token_reward, seque
 from rto.rollout import decode_responses, encode_prompts, generate, score_sequences
 from rto.runtime import timed
 from rto.sequences import critic_values, token_logprobs, token_values
-from rto.stages.common import Common, frozen, make_optimizer, param_groups, shared_trunk_layers, start, task_prompts
+from rto.stages.common import (Common, Optimization, frozen, make_optimizer, param_groups, shared_trunk_layers, start,
+                              task_prompts)
 from rto.tasks import get_task
 
 REWARDS = ("rto", "sparse")
 
 
 @dataclass
-class PPOConfig(Common):
+class PPOConfig(Optimization, Common):
     out: str = "runs/ppo"
     reward: str = "rto"  # rto: eq. 4.7 (dense DPO term + KL + RM at the end); sparse: classic PPO (KL + RM)
     policy: str = DEFAULT_MODEL  # start of the policy (the SFT model)
@@ -53,11 +54,7 @@ class PPOConfig(Common):
     top_p: float = 1.0
     actor_lr: float = 3e-5
     critic_lr: float = 3e-5
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
     warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
     beta_dpo: float = 0.05  # paper's beta1
     dpo_clip: float | None = 0.05  # clip of beta_dpo * log-ratio per token; null = none
     beta_kl: float = 0.01  # paper's beta2 (initial value when adaptive_kl)
@@ -141,10 +138,8 @@ def run(cfg: PPOConfig) -> dict:
     order = torch.randperm(len(prompts), generator=gen).tolist()
     updates_per_iter = cfg.ppo_epochs * (cfg.rollout_size // cfg.minibatch_size)
     total = cfg.iterations * updates_per_iter
-    opt_kw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                  min_lr_ratio=cfg.min_lr_ratio)
-    actor_opt, actor_sched = make_optimizer(param_groups(policy, cfg.actor_lr), total, **opt_kw)
-    critic_opt, critic_sched = make_optimizer(param_groups(critic, cfg.critic_lr), total, **opt_kw)
+    actor_opt, actor_sched = make_optimizer(param_groups(policy, cfg.actor_lr), total, cfg)
+    critic_opt, critic_sched = make_optimizer(param_groups(critic, cfg.critic_lr), total, cfg)
     actor_params = [p for p in policy.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     beta_kl = cfg.beta_kl
