@@ -13,7 +13,9 @@ import sys
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from rto.checkpoint import CheckpointError
 from rto.data import DataError, check
+from rto.runtime import NonFiniteError, finished_summary
 from rto.stages import dpo, eval as eval_stage, pairs, pipeline, ppo, report, rm, sft
 
 COMMANDS = {
@@ -67,11 +69,23 @@ def main(argv: list[str] | None = None) -> int:
             print(check(args.data.check.file, args.data.check.kind, args.data.check.split))
             return 0
         config_cls, run, _ = COMMANDS[command]
-        run(_config(config_cls, getattr(args, command)))
+        cfg = _config(config_cls, getattr(args, command))
+        if hasattr(cfg, "resume") and finished_summary(cfg) is not None:
+            print(f"rto {command}: {cfg.out} already holds this run, finished; nothing to do "
+                  "(--resume false runs it again)")
+            return 0
+        run(cfg)
         return 0
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"rto {command}: error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteError) as e:
+        print(f"rto {command}: stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"rto {command}: interrupted; run the same command again to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

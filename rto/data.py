@@ -321,7 +321,8 @@ def _preference(row: Mapping, noun: str) -> PreferencePair:
                             "conversations; give both the same messages before the answer, or add "
                             '"prompt"')
     else:
-        raise _RowError(f"field 'prompt' is missing; {noun} {_PROMPT_HELP} (it may be left out "
+        state = "null" if "prompt" in row else "missing"
+        raise _RowError(f"field 'prompt' is {state}; {noun} {_PROMPT_HELP} (it may be left out "
                         "only when 'chosen' is a message list that contains the prompt)")
     if chosen == rejected:
         raise _RowError("'chosen' and 'rejected' are the same text; a preference pair needs two "

@@ -98,6 +98,35 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
+def check_tokenizers(roles: dict[str, str | None], trust_remote_code: bool = False) -> list[str]:
+    """Every role reads the token ids the policy's tokenizer produced, so all must share one vocabulary.
+
+    roles: role name -> model folder or hub id (None entries are skipped; the first entry is the
+    reference). Raises ValueError naming the two roles and a token they disagree on. Returns the roles
+    whose folder holds no tokenizer (they cannot be checked).
+    """
+    vocabs, unchecked = {}, []
+    for role, path in roles.items():
+        if not path:
+            continue
+        try:
+            vocabs[role] = (path, load_tokenizer(path, trust_remote_code).get_vocab())
+        except (OSError, ValueError):
+            unchecked.append(f"{role} ({path})")
+    if not vocabs:
+        return unchecked
+    first, (first_path, base) = next(iter(vocabs.items()))
+    for role, (path, vocab) in vocabs.items():
+        if vocab == base:
+            continue
+        differ = next((t for t in base if vocab.get(t) != base[t]), None) or next(t for t in vocab if t not in base)
+        raise ValueError(
+            f"the {role} ({path}) has a different tokenizer from the {first} ({first_path}): {len(vocab)} vs "
+            f"{len(base)} tokens, token {differ!r} is id {vocab.get(differ)} vs {base.get(differ)}; every role "
+            "scores the same token ids, so all must be fine-tuned from one base model with one tokenizer")
+    return unchecked
+
+
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """fp32 master weights; transformers loads safetensors, or .bin files with weights_only=True."""
     return AutoModelForCausalLM.from_pretrained(

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import yaml
 
+from rto.checkpoint import checkpoint_step, latest_checkpoint, remove_checkpoints
+
 DONE_FILE = "DONE"
 
 
@@ -70,22 +72,111 @@ def to_plain(config) -> dict:
     return asdict(config) if is_dataclass(config) else dict(config)
 
 
-class Run:
-    """A run folder: config.yaml, metrics.jsonl, TensorBoard events, and a DONE marker when finished."""
+# fields that change how a run goes, not what it computes: they may differ when a run is continued
+RUNTIME_FIELDS = {"out", "progress", "threads", "resume", "overwrite", "checkpoint_every", "keep_checkpoints"}
 
-    def __init__(self, out: str | Path, config, tensorboard: bool = True):
+
+class RunConflict(ValueError):
+    """The run folder holds results of a run with another configuration."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met NaN/inf values too many steps in a row and stopped."""
+
+
+def _comparable(config: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RUNTIME_FIELDS}))
+
+
+def config_changes(out: str | Path, config) -> list[str]:
+    """'field: old -> new' for every field that differs from the config.yaml stored in `out`
+    (fields missing on either side are not compared; runtime fields such as threads never count)."""
+    path = Path(out) / "config.yaml"
+    if not path.exists():
+        return []
+    try:
+        old = _comparable(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError:
+        return ["config.yaml: unreadable"]
+    new = _comparable(to_plain(config))
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+
+
+def has_results(out: str | Path) -> bool:
+    """A finished run, a checkpoint or logged training steps: something a new run must not silently replace."""
+    out = Path(out)
+    metrics = out / "metrics.jsonl"
+    return is_done(out) or latest_checkpoint(out) is not None or (metrics.exists() and metrics.stat().st_size > 0)
+
+
+def folder_state(cfg) -> str:
+    """What a stage does with its run folder `cfg.out`:
+
+    'new'    start from scratch (an empty folder, an attempt without results, or --resume false)
+    'resume' continue from the latest checkpoint (same config, not finished; the default)
+    'done'   the same config already finished there
+    Raises RunConflict when the folder holds results of a different config and `cfg.overwrite` is off,
+    and when --resume true finds nothing to resume.
+    """
+    resume, overwrite = getattr(cfg, "resume", None), getattr(cfg, "overwrite", False)
+    changes = config_changes(cfg.out, cfg)
+    if changes and has_results(cfg.out):
+        if not overwrite:
+            shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+            raise RunConflict(f"{cfg.out} holds the results of a run with a different config ({shown}); choose "
+                              "another --out, or pass --overwrite true to replace that run")
+        if resume:
+            raise RunConflict(f"--resume true: {cfg.out} holds a run with a different config ({changes[0]})")
+        return "new"
+    if resume is False:
+        return "new"
+    if is_done(cfg.out):
+        return "done"
+    if latest_checkpoint(cfg.out) is not None:
+        return "resume"
+    if resume:
+        raise RunConflict(f"--resume true: {cfg.out} has no checkpoint to resume from; leave --resume unset "
+                          "to start the run")
+    return "new"
+
+
+def finished_summary(cfg) -> dict | None:
+    """The summary of the run in `cfg.out` when it already finished with this config, else None."""
+    if folder_state(cfg) != "done":
+        return None
+    path = Path(cfg.out) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class Run:
+    """A run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, and DONE when finished.
+
+    With `resume_from` (a checkpoint of this folder) the run continues one that stopped at that checkpoint's
+    step: metric rows and TensorBoard events past it are dropped (they are logged again); otherwise every
+    trace of an earlier attempt is.
+    """
+
+    def __init__(self, out: str | Path, config, tensorboard: bool = True, resume_from: Path | None = None):
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
-        # a stage always starts from scratch, so rows and events of an interrupted attempt are dropped
-        self._metrics = open(self.dir / "metrics.jsonl", "w")
         (self.dir / DONE_FILE).unlink(missing_ok=True)
-        shutil.rmtree(self.dir / "tb", ignore_errors=True)
+        metrics = self.dir / "metrics.jsonl"
+        self.resume_from = resume_from
+        resume_step = checkpoint_step(resume_from) if resume_from else None
+        if resume_step is None:
+            remove_checkpoints(self.dir)
+            shutil.rmtree(self.dir / "tb", ignore_errors=True)
+            self._metrics = open(metrics, "w")
+        else:
+            keep_rows(metrics, lambda row: row["step"] <= resume_step)
+            self._metrics = open(metrics, "a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge)
         self.started = time.time()
 
     def log(self, step: int, metrics: dict) -> None:
@@ -110,6 +201,7 @@ class Run:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.dir / DONE_FILE).write_text("")
         self.close()
+        remove_checkpoints(self.dir)  # the saved model is the result; checkpoints only serve an unfinished run
 
     def close(self) -> None:
         self._metrics.close()
@@ -121,9 +213,25 @@ def is_done(out: str | Path) -> bool:
     return (Path(out) / DONE_FILE).exists()
 
 
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSON Lines log; a line cut short by a crash is ignored."""
+    path = Path(path)
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def keep_rows(path: str | Path, keep) -> None:
+    """Rewrite a JSON Lines log with only the rows for which keep(row) is true (used when a run resumes)."""
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in read_rows(path) if keep(row)))
+
+
 def read_metrics(out: str | Path) -> list[dict]:
-    path = Path(out) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_rows(Path(out) / "metrics.jsonl")
 
 
 @contextmanager

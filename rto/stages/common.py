@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences, load_prompts
 from rto.models import frozen_layers, shares_trunk
 from rto.rollout import encode_prompts, encode_response
-from rto.runtime import Run, make_accelerator, resolve_precision, seed_everything
+from rto.runtime import NonFiniteError, Run, folder_state, make_accelerator, resolve_precision, seed_everything
 from rto.sequences import SeqBatch, collate
 from rto.tasks import get_task
 
@@ -34,6 +35,17 @@ class Common:
     trust_remote_code: bool = False  # never executes model code from the hub unless turned on
     threads: int | None = None  # torch CPU threads; null = torch's default
     progress: bool = True  # progress bars
+    resume: bool | None = None  # null: continue from the last checkpoint in `out` if any; false: start over
+    overwrite: bool = False  # allow replacing the results of a run with a different config in `out`
+    max_prompt_tokens: int = 256  # prompts longer than this (chat template applied) are skipped, with a count
+
+
+@dataclass
+class Checkpointing:
+    """When a training stage saves its state (see rto.checkpoint); it always does at the end of training."""
+
+    checkpoint_every: int = 50  # optimisation steps (PPO: iterations) between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 1  # the newest k checkpoints are kept; all are removed once the stage finishes
 
 
 @dataclass
@@ -45,29 +57,74 @@ class Optimization:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 3  # updates in a row skipped for a NaN/inf loss, gradient or reward before stopping
 
 
 @dataclass
-class PairTraining(Optimization, Common):
+class PairTraining(Checkpointing, Optimization, Common):
     """Fields of the stages that train on a preference file (sft, rm, dpo)."""
 
     epochs: int = 1
     batch_size: int = 8  # pairs per step
     lr: float = 5e-5
     eval_fraction: float = 0.1  # held-out pairs
-    max_prompt_tokens: int = 256
-    max_response_tokens: int = 256
+    max_response_tokens: int = 256  # longer responses are cut (their EOS then dropped)
 
 
 def start(cfg: Common, name: str) -> tuple[Run, object]:
-    """Seed everything, create the run folder and the accelerator; returns (run, accelerator)."""
+    """Seed everything, open the run folder (resuming from its last checkpoint when the same config stopped
+    there, see runtime.folder_state) and create the accelerator; returns (run, accelerator)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    run = Run(cfg.out, cfg)
+    resume_from = latest_checkpoint(cfg.out) if folder_state(cfg) == "resume" else None
+    run = Run(cfg.out, cfg, resume_from=resume_from)
     accelerator = make_accelerator(cfg.precision)
-    run.note(f"{name}: precision {resolve_precision(cfg.precision)}, device {accelerator.device}, out {run.dir}")
+    run.note(f"{name}: precision {resolve_precision(cfg.precision)}, device {accelerator.device}, out {run.dir}"
+             + (f"; resuming from {resume_from}" if resume_from else ""))
     return run, accelerator
+
+
+def drop_long_prompts(run: Run, tokenizer, items: list, prompt_of, cfg: Common, what: str) -> list:
+    """Keep the items whose prompt fits in cfg.max_prompt_tokens after the chat template; the others are
+    skipped and counted in the log. Raises ValueError when none fits."""
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, [prompt_of(x) for x in items], cfg.system_prompt)]
+    kept = [x for x, n in zip(items, lengths) if n <= cfg.max_prompt_tokens]
+    if len(kept) < len(items):
+        if not kept:
+            raise ValueError(f"every one of the {len(items)} {what} has a prompt longer than max_prompt_tokens="
+                             f"{cfg.max_prompt_tokens} tokens (shortest: {min(lengths)}); raise --max_prompt_tokens")
+        run.note(f"skipped {len(items) - len(kept)} of {len(items)} {what}: prompt longer than max_prompt_tokens="
+                 f"{cfg.max_prompt_tokens} tokens (longest {max(lengths)})")
+    return kept
+
+
+def finite(x) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(x)).all())
+
+
+class NonFiniteGuard:
+    """Counts steps skipped for NaN/inf values; stops the run after `limit` of them in a row."""
+
+    def __init__(self, run: Run, limit: int, name: str, unit: str = "step"):
+        self.run, self.limit, self.name, self.unit, self.streak, self.skipped = run, limit, name, unit, 0, 0
+
+    def ok(self) -> None:
+        self.streak = 0
+
+    def skip(self, step: int, what: str) -> None:
+        self.streak += 1
+        self.skipped += 1
+        if self.streak > self.limit:
+            last = latest_checkpoint(self.run.dir)
+            raise NonFiniteError(
+                f"{self.name}: NaN/inf {what} at {self.unit} {step}, {self.streak} updates in a row; stopped without "
+                "saving. "
+                + (f"The last good checkpoint is {last}. " if last else "No checkpoint was written yet. ")
+                + "Lower the learning rate or check the data for extreme examples, then re-run (with another "
+                "--out or --overwrite true when the config changes)")
+        self.run.note(f"{self.name}: {self.unit} {step}: NaN/inf {what}; update skipped ({self.streak} in a row, "
+                      f"at most {self.limit})")
 
 
 def task_prompts(task: str, prompts: str | None, split: str, limit: int | None, seed: int) -> list[list[dict]]:
@@ -155,10 +212,11 @@ def split_heldout(items: list, fraction: float, seed: int, key=None) -> tuple[li
     return pick(order[k:]), pick(order[:k])
 
 
-def load_pair_split(path: str, cfg: PairTraining) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Validated preference pairs, split into (train, held-out) by prompt."""
+def load_pair_split(path: str, cfg: PairTraining, run: Run, tokenizer) -> tuple[list[PreferencePair], list]:
+    """Validated preference pairs without over-long prompts, split into (train, held-out) by prompt."""
     prompt_key = lambda pair: json.dumps(pair.prompt, sort_keys=True)  # noqa: E731
-    train, heldout = split_heldout(load_preferences(path), cfg.eval_fraction, cfg.seed, prompt_key)
+    pairs = drop_long_prompts(run, tokenizer, load_preferences(path), lambda pair: pair.prompt, cfg, f"pairs of {path}")
+    train, heldout = split_heldout(pairs, cfg.eval_fraction, cfg.seed, prompt_key)
     if not train:
         raise ValueError(f"{path}: no preference pairs to train on")
     return train, heldout
@@ -166,7 +224,10 @@ def load_pair_split(path: str, cfg: PairTraining) -> tuple[list[PreferencePair],
 
 def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: PairTraining, loss_fn, desc: str) -> int:
     """The optimisation loop of the offline stages: AdamW with warm-up and cosine decay over shuffled
-    batches of `train`; loss -> backward -> clip -> step, one log row per step.
+    batches of `train`; loss -> backward -> clip -> step, one log row per step; a checkpoint every
+    `cfg.checkpoint_every` steps and after the last one. A run with `run.resume_from` restores that
+    checkpoint and skips the batches it had already used, so it ends with the weights of an uninterrupted run.
+    A NaN/inf loss or gradient skips the update (see NonFiniteGuard).
 
     `loss_fn(epoch, items) -> (loss, stats)` builds and scores one batch. Returns the number of steps.
     """
@@ -175,25 +236,37 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
     total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     optimizer, scheduler = make_optimizer(groups, total, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
+    models, stateful = {"model": model}, {"optimizer": optimizer, "scheduler": scheduler}
+    done = load_checkpoint(run.resume_from, models, stateful)["step"] if run.resume_from else 0
+    guard = NonFiniteGuard(run, cfg.max_nonfinite_steps, desc)
     model.train()
-    step = 0
-    with tqdm(total=total, desc=desc, unit="step", disable=not cfg.progress) as bar:
-        for epoch, items in batches(train, cfg.batch_size, cfg.epochs, cfg.seed):
+    with tqdm(total=total, initial=done, desc=desc, unit="step", disable=not cfg.progress) as bar:
+        for step, (epoch, items) in enumerate(batches(train, cfg.batch_size, cfg.epochs, cfg.seed), start=1):
+            if step <= done:  # the data position of the checkpoint: these batches were trained on
+                continue
             with accelerator.autocast():
                 loss, stats = loss_fn(epoch, items)
-            accelerator.backward(loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = float("nan")
+            if finite(loss.detach()):
+                accelerator.backward(loss)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                guard.ok()
+            else:
+                guard.skip(step, "gradient" if finite(loss.detach()) else "loss")
+            scheduler.step()  # a skipped batch still counts: the schedule follows the data position
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                       "epoch": epoch, **{f"train/{k}": float(v) for k, v in stats.items()}}
+            metrics = {"loss": loss.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                       "epoch": epoch, "skipped_steps": guard.skipped,
+                       **{f"train/{k}": float(v) for k, v in stats.items()}}
             run.log(step, metrics)
+            if step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                save_checkpoint(run.dir, step, models, stateful, {"step": step}, keep=cfg.keep_checkpoints)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
     model.eval()
-    return step
+    return total
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from rto.losses import PREFERENCE_LOSSES, sequence_logprob
-from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, save_model, set_trainable
+from rto.models import DEFAULT_MODEL, check_tokenizers, load_causal_lm, load_tokenizer, save_model, set_trainable
 from rto.sequences import shared_trunk, token_logprobs
 from rto.stages.common import (PairTraining, fit, frozen, load_pair_split, pair_batch, param_groups,
                                score_in_batches, shared_trunk_layers, start)
@@ -31,8 +31,10 @@ def run(cfg: DPOConfig) -> dict:
         raise ValueError(f"unknown loss {cfg.loss!r}; available: {', '.join(PREFERENCE_LOSSES)}")
     loss_impl = PREFERENCE_LOSSES[cfg.loss]
     run_, accelerator = start(cfg, "dpo")
-    train, heldout = load_pair_split(cfg.pairs, cfg)
+    for role in check_tokenizers({"policy": cfg.model, "reference": cfg.ref}, cfg.trust_remote_code):
+        run_.note(f"{role}: no tokenizer in the folder, so its vocabulary is not checked")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train, heldout = load_pair_split(cfg.pairs, cfg, run_, tokenizer)
     policy = load_causal_lm(cfg.model, cfg.trust_remote_code).to(accelerator.device)
     ref = frozen(load_causal_lm(cfg.ref or cfg.model, cfg.trust_remote_code).to(accelerator.device))
     set_trainable(policy, cfg.train_layers)

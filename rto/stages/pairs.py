@@ -16,7 +16,7 @@ import torch
 from rto.data import write_jsonl
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rto.rollout import decode_responses, encode_prompts, generate
-from rto.stages.common import Common, start, task_prompts
+from rto.stages.common import Common, drop_long_prompts, start, task_prompts
 from rto.tasks import get_task
 
 
@@ -42,6 +42,7 @@ def run(cfg: PairsConfig) -> dict:
     prompts = task_prompts(cfg.task, cfg.prompts, "train", cfg.num_prompts, cfg.seed)
     scorer = get_task(cfg.task).gold_scorer()
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
+    prompts = drop_long_prompts(run_, tokenizer, prompts, lambda p: p, cfg, "prompts")
     model = load_causal_lm(cfg.policy, cfg.trust_remote_code).to(accelerator.device)
 
     k = cfg.samples_per_prompt

@@ -10,8 +10,10 @@ A recipe is YAML:
       - {name: rm, stage: rm, pairs: "{run}/pairs/pairs.jsonl"}
       ...
 
-Each stage writes to `{run}/{name}` unless it sets `out`. A stage whose folder holds a DONE marker
-is skipped, so re-running a pipeline after a crash resumes at the first unfinished stage.
+Each stage writes to `{run}/{name}` unless it sets `out`. A stage that already finished there with the
+same config is skipped and an unfinished one continues from its last checkpoint, so re-running a
+pipeline after a crash loses at most the steps since the last checkpoint. A stage whose folder holds
+the results of a different config stops the pipeline unless `overwrite` is set.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from rto.runtime import is_done
+from rto.runtime import finished_summary
 from rto.stages import dpo, eval as eval_stage, pairs, ppo, report, rm, sft
 
 STAGES = {
@@ -48,6 +50,7 @@ class PipelineConfig:
     precision: str | None = None  # overrides every stage's precision
     threads: int | None = None
     progress: bool = True
+    overwrite: bool | None = None  # replace the results of stages whose config changed since they ran
 
 
 def _fill(value, run_dir: str):
@@ -96,7 +99,7 @@ def run(cfg: PipelineConfig) -> Path:
     if not isinstance(recipe, dict):
         raise ValueError(f"{source}: a recipe is a YAML mapping with `out` and `stages`")
     overrides = {"out": cfg.out, "seed": cfg.seed, "precision": cfg.precision, "threads": cfg.threads,
-                 "progress": cfg.progress}
+                 "progress": cfg.progress, "overwrite": cfg.overwrite}
     configs = stage_configs(recipe, source, overrides)
     run_dir = Path(cfg.out or recipe.get("out") or "runs/pipeline")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,7 @@ def run(cfg: PipelineConfig) -> Path:
     state.update({"recipe": source, "phase_times": state.get("phase_times", {})})
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     for name, stage, config in configs:
-        if stage not in ALWAYS_RUN and is_done(config.out):
+        if stage not in ALWAYS_RUN and finished_summary(config) is not None:
             print(f"pipeline: {name} already done in {config.out}; skipping")
             continue
         print(f"pipeline: {name} ({stage}) -> {config.out}", flush=True)
@@ -132,12 +135,13 @@ class DemoConfig:
     precision: str | None = None
     threads: int | None = None
     progress: bool = True
+    overwrite: bool | None = None  # replace the results of stages whose config changed since they ran
 
 
 def demo(cfg: DemoConfig) -> Path:
     """The whole RTO pipeline on the embedded default (recipe rto/recipes/demo.yaml), then the report."""
     started = time.time()
     run_dir = run(PipelineConfig(recipe=demo_recipe(), out=cfg.out, seed=cfg.seed, precision=cfg.precision,
-                                 threads=cfg.threads, progress=cfg.progress))
+                                 threads=cfg.threads, progress=cfg.progress, overwrite=cfg.overwrite))
     print(f"demo: finished in {time.time() - started:.0f} s; open {run_dir / 'report.html'} (or report.md)")
     return run_dir

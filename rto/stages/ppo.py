@@ -22,20 +22,22 @@ from tqdm.auto import tqdm
 from rto.advantages import gae, masked_mean, masked_whiten
 from rto.experience import Experience, SequenceTensors, TokenTensors
 from rto.losses import policy_loss, value_loss
-from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, load_tokenizer, save_model, set_trainable
+from rto.checkpoint import load_checkpoint, save_checkpoint
+from rto.models import (DEFAULT_MODEL, ValueModel, check_tokenizers, load_causal_lm, load_tokenizer, save_model,
+                        set_trainable)
 from rto.rewards import KL_ESTIMATORS, adaptive_kl_coef, dpo_token_reward, sequence_kl, token_rewards
 from rto.rollout import decode_responses, encode_prompts, generate, score_sequences
-from rto.runtime import timed
+from rto.runtime import keep_rows, timed
 from rto.sequences import critic_values, token_logprobs, token_values
-from rto.stages.common import (Common, Optimization, frozen, make_optimizer, param_groups, shared_trunk_layers, start,
-                              task_prompts)
+from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, drop_long_prompts, finite, frozen,
+                               make_optimizer, param_groups, shared_trunk_layers, start, task_prompts)
 from rto.tasks import get_task
 
 REWARDS = ("rto", "sparse")
 
 
 @dataclass
-class PPOConfig(Optimization, Common):
+class PPOConfig(Checkpointing, Optimization, Common):
     out: str = "runs/ppo"
     reward: str = "rto"  # rto: eq. 4.7 (dense DPO term + KL + RM at the end); sparse: classic PPO (KL + RM)
     policy: str = DEFAULT_MODEL  # start of the policy (the SFT model)
@@ -55,6 +57,7 @@ class PPOConfig(Optimization, Common):
     actor_lr: float = 3e-5
     critic_lr: float = 3e-5
     warmup_ratio: float = 0.0
+    checkpoint_every: int = 1  # iterations
     beta_dpo: float = 0.05  # paper's beta1
     dpo_clip: float | None = 0.05  # clip of beta_dpo * log-ratio per token; null = none
     beta_kl: float = 0.01  # paper's beta2 (initial value when adaptive_kl)
@@ -110,7 +113,12 @@ def run(cfg: PPOConfig) -> dict:
     device = accelerator.device
     prompts = task_prompts(cfg.task, cfg.prompts, "train", None, cfg.seed)
     gold_scorer = get_task(cfg.task).gold_scorer()
+    role_paths = {"policy": cfg.policy, "reference": cfg.ref, "DPO model": cfg.dpo_model if cfg.reward == "rto" else None,
+                  "reward model": cfg.reward_model, "critic": cfg.critic}
+    for role in check_tokenizers(role_paths, cfg.trust_remote_code):
+        run_.note(f"{role}: no tokenizer in the folder, so its vocabulary is not checked")
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
+    prompts = drop_long_prompts(run_, tokenizer, prompts, lambda p: p, cfg, "prompts")
     load = lambda path: load_causal_lm(path, cfg.trust_remote_code).to(device)  # noqa: E731
     roles = {
         "policy": load(cfg.policy),
@@ -144,9 +152,20 @@ def run(cfg: PPOConfig) -> dict:
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     beta_kl = cfg.beta_kl
     history = []
-    (run_.dir / "rollouts.jsonl").unlink(missing_ok=True)
+    guard = NonFiniteGuard(run_, cfg.max_nonfinite_steps, f"ppo ({cfg.reward})", "iteration")
+    # what a checkpoint holds beside the trainable weights: optimizers, schedulers, the minibatch generator
+    # (and every global RNG), the KL coefficient, the metrics history; the iteration is the data position
+    models = {"policy": policy, "critic": critic}
+    stateful = {"actor_opt": actor_opt, "actor_sched": actor_sched, "critic_opt": critic_opt,
+                "critic_sched": critic_sched}
+    done = 0
+    if run_.resume_from:
+        state = load_checkpoint(run_.resume_from, models, stateful, {"minibatches": gen})
+        done, beta_kl, history, guard.skipped = state["iteration"], state["beta_kl"], state["history"], state["skipped"]
+    keep_rows(run_.dir / "rollouts.jsonl", lambda row: row["iteration"] <= done)
 
-    for it in tqdm(range(1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter", disable=not cfg.progress):
+    for it in tqdm(range(done + 1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter",
+                   initial=done, total=cfg.iterations, disable=not cfg.progress):
         times: dict[str, float] = {}
         start_at = (it - 1) * cfg.rollout_size
         idx = [order[(start_at + j) % len(order)] for j in range(cfg.rollout_size)]
@@ -175,11 +194,16 @@ def run(cfg: PPOConfig) -> dict:
         tok.advantages, tok.returns = gae(tok.rewards, tok.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             tok.advantages = masked_whiten(tok.advantages, mask)
+        # a NaN/inf anywhere in the rollout's numbers would poison every minibatch: skip this update
+        bad = next((name for name, x in (("reward", tok.rewards), ("advantage", tok.advantages), ("value", tok.values),
+                                         ("log-prob", tok.logp)) if not finite(x[mask.bool()])), None)
+        if bad:
+            guard.skip(it, f"{bad} in the rollout")
 
         # 5. update: clipped policy and value losses on minibatches
         stats: dict[str, list] = {}
         with timed(times, "time_update_s"):
-            for _ in range(cfg.ppo_epochs):
+            for _ in range(cfg.ppo_epochs if not bad else 0):
                 for mb in exp.minibatches(cfg.minibatch_size, gen):
                     b, m = mb.batch, mb.batch.response_mask
                     with accelerator.autocast():
@@ -187,11 +211,18 @@ def run(cfg: PPOConfig) -> dict:
                         pg_loss, pg_stats = policy_loss(logp, mb.tokens.logp, mb.tokens.advantages, m, cfg.clip)
                         values = critic_values(token_values(critic, b, mb.trunk, n_shared), b)
                         vf_loss, vf_stats = value_loss(values, mb.tokens.values, mb.tokens.returns, m, cfg.value_clip)
-                    accelerator.backward(pg_loss + vf_loss)  # separate parameters: each loss reaches its own model
-                    actor_gn = torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
-                    critic_gn = torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
+                    actor_gn = critic_gn = torch.tensor(float("nan"))
+                    if finite(pg_loss.detach()) and finite(vf_loss.detach()):
+                        accelerator.backward(pg_loss + vf_loss)  # separate parameters: each loss reaches its own model
+                        actor_gn = torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
+                        critic_gn = torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
+                    if finite(actor_gn) and finite(critic_gn):
+                        actor_opt.step()
+                        critic_opt.step()
+                        guard.ok()
+                    else:
+                        guard.skip(it, "loss or gradient in a minibatch")
                     for opt, sched in ((actor_opt, actor_sched), (critic_opt, critic_sched)):
-                        opt.step()
                         sched.step()
                         opt.zero_grad(set_to_none=True)
                     for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "actor_grad_norm": actor_gn,
@@ -207,7 +238,7 @@ def run(cfg: PPOConfig) -> dict:
             "reward_total": float((tok.rewards * mask).sum(-1).mean()),
             "eos_rate": float(exp.seqs.ended.float().mean()), "length": float(exp.seqs.length.float().mean()),
             "value_mean": float(masked_mean(tok.values, mask)),
-            "lr": actor_sched.get_last_lr()[0],
+            "lr": actor_sched.get_last_lr()[0], "skipped_steps": guard.skipped,
             **{k: sum(v) / len(v) for k, v in stats.items()}, **times,
         }
         if tok.logp_dpo is not None:
@@ -223,10 +254,12 @@ def run(cfg: PPOConfig) -> dict:
                 f.write(json.dumps({"iteration": it, "prompt": prompts[idx[j]][-1]["content"], "response": texts[j],
                                     "gold": float(exp.seqs.gold[j]), "rm": float(exp.seqs.rm_score[j]),
                                     "ended": bool(exp.seqs.ended[j])}) + "\n")
-        if cfg.adaptive_kl:
+        if cfg.adaptive_kl and math.isfinite(metrics["kl"]):
             beta_kl = adaptive_kl_coef(beta_kl, metrics["kl"], cfg.target_kl, cfg.kl_horizon, cfg.rollout_size)
-        if not all(math.isfinite(v) for v in (metrics["policy_loss"], metrics["value_loss"])):
-            raise FloatingPointError(f"ppo: non-finite loss at iteration {it}: {metrics}")
+        if it == cfg.iterations or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
+            save_checkpoint(run_.dir, it, models, stateful, {"iteration": it, "beta_kl": beta_kl, "history": history,
+                                                             "skipped": guard.skipped},
+                            generators={"minibatches": gen}, keep=cfg.keep_checkpoints)
 
     save_model(policy, tokenizer, run_.dir / "policy")
     save_model(critic, tokenizer, run_.dir / "critic")

@@ -13,7 +13,8 @@ import torch
 from rto.losses import bradley_terry_loss
 from rto.models import DEFAULT_MODEL, ValueModel, frozen_layers, load_tokenizer, save_model, set_trainable
 from rto.sequences import shared_trunk, sequence_scores, token_values
-from rto.stages.common import PairTraining, fit, load_pair_split, pair_batch, param_groups, score_in_batches, start
+from rto.stages.common import (PairTraining, batches, fit, load_pair_split, pair_batch, param_groups, score_in_batches,
+                               start)
 
 
 @dataclass
@@ -29,8 +30,8 @@ class RMConfig(PairTraining):
 
 def run(cfg: RMConfig) -> dict:
     run_, accelerator = start(cfg, "rm")
-    train, heldout = load_pair_split(cfg.pairs, cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train, heldout = load_pair_split(cfg.pairs, cfg, run_, tokenizer)
     model = ValueModel.from_pretrained(cfg.model, cfg.trust_remote_code).to(accelerator.device)
     set_trainable(model, cfg.train_layers)
     n_frozen = frozen_layers(model, cfg.train_layers)
@@ -45,20 +46,22 @@ def run(cfg: RMConfig) -> dict:
                            cfg.max_response_tokens).to(accelerator.device)
         return batch, shared_trunk(model, batch, n_frozen)
 
-    last_epoch: list = []  # (batch, frozen trunk) of every step of the final epoch: the statistics pass reuses them
+    final_epoch: dict = {}  # (batch, frozen trunk) of the steps of the final epoch: the statistics pass reuses them
 
     def loss_fn(epoch, items):
         batch, trunk = encoded(items)
         if epoch == cfg.epochs - 1:
-            last_epoch.append((batch, trunk))
+            final_epoch[tuple(map(id, items))] = (batch, trunk)
         return bradley_terry_loss(*scores(batch, trunk))
 
     steps = fit(run_, accelerator, model, param_groups(model, cfg.lr, cfg.head_lr), train, cfg, loss_fn,
                 "reward model")
 
     with accelerator.autocast(), torch.no_grad():
-        # reward statistics of the training responses under the final weights (the final epoch saw each pair once)
-        final = [scores(batch, trunk) for batch, trunk in last_epoch]
+        # reward statistics of the training responses under the final weights, in the batches of the final
+        # epoch (which saw each pair once); batches trained before a resume are encoded again
+        final = [scores(*final_epoch.get(tuple(map(id, items))) or encoded(items))
+                 for epoch, items in batches(train, cfg.batch_size, cfg.epochs, cfg.seed) if epoch == cfg.epochs - 1]
         chosen, rejected = torch.cat([c for c, _ in final]), torch.cat([r for _, r in final])
         all_scores = torch.cat([chosen, rejected]).float()
         summary = {"steps": steps, "train_pairs": len(train), "heldout_pairs": len(heldout),

@@ -23,8 +23,8 @@ class SFTConfig(PairTraining):
 
 def run(cfg: SFTConfig) -> dict:
     run_, accelerator = start(cfg, "sft")
-    train, heldout = load_pair_split(cfg.data, cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train, heldout = load_pair_split(cfg.data, cfg, run_, tokenizer)
     model = load_causal_lm(cfg.model, cfg.trust_remote_code).to(accelerator.device)
     set_trainable(model, cfg.train_layers)
     n_frozen = frozen_layers(model, cfg.train_layers)

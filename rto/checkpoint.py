@@ -1,0 +1,164 @@
+"""Training checkpoints: everything needed to continue a stage exactly where it stopped.
+
+A checkpoint is a folder `{out}/checkpoints/step-{N:08d}` holding
+  weights.safetensors  the trainable parameters of every model (frozen ones come from the start model)
+  trainer.pt           optimizer and scheduler states, the RNG states of python, numpy and torch
+                       (plus any torch.Generator of the stage) and the stage's own state (step, data
+                       position, KL coefficient, metrics history...); loaded with weights_only=True
+  state.json           step and time, for people
+
+It is written into a temporary sibling folder and renamed into place, so a crash or a full disk during
+a save leaves the previous checkpoint as it was; only then are the oldest ones beyond `keep` removed.
+(accelerate's save_state writes in place, stores whole models and unpickles RNG files in full, hence
+this small module.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read back."""
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    return Path(out) / CHECKPOINTS
+
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first (temporary folders of interrupted saves are ignored)."""
+    folder = checkpoint_dir(out)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(Path(path).name[len(PREFIX):])
+
+
+def trainable(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """{'role/param name': parameter} for every parameter that trains (tied weights appear once)."""
+    return {f"{role}/{name}": p for role, model in models.items() for name, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Python, numpy and torch (CPU, every CUDA device) RNG states, plus named torch.Generators."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in (generators or {}).items():
+        g.set_state(state["generators"][name])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, state: dict,
+                    generators: dict | None = None, keep: int = 1) -> Path:
+    """Write checkpoint `step` of a run folder atomically, then keep only the newest `keep` checkpoints.
+
+    models: role -> nn.Module (its trainable parameters are saved); stateful: name -> object with
+    state_dict() (optimizers, schedulers); state: plain values of the stage (numbers, strings, lists,
+    dicts, tensors). Raises CheckpointError (the previous checkpoints untouched) when the write fails
+    or a weight is NaN/inf.
+    """
+    folder = checkpoint_dir(out)
+    final = folder / f"{PREFIX}{step:08d}"
+    weights = {key: p.detach().contiguous().cpu() for key, p in trainable(models).items()}
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"refusing to checkpoint step {step}: NaN/inf in {bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}")
+    if final.exists():  # already saved (e.g. the end of training falls on a periodic checkpoint)
+        return final
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
+    try:
+        save_file(weights, str(tmp / "weights.safetensors"))
+        torch.save({"stateful": {k: v.state_dict() for k, v in stateful.items()},
+                    "rng": rng_state(generators), "state": state}, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        for f in tmp.iterdir():
+            _fsync(f)
+        os.replace(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(out)
+        kept = f"the last good checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final} ({e}); {kept}. Free disk space or fix the "
+                              "folder, then re-run the same command to resume") from e
+    for old in list_checkpoints(out)[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: dict | None = None) -> dict:
+    """Restore a checkpoint written by save_checkpoint into the given objects; returns the stage's state.
+
+    The models must have been built as at the start of the run (same start weights, same trainable
+    parameters). The RNG states are restored last, so the run continues as if never stopped.
+    """
+    path = Path(path)
+    try:
+        weights = load_file(str(path / "weights.safetensors"))
+        saved = torch.load(path / "trainer.pt", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({e}); delete it to resume from an "
+                              "earlier one, or pass --resume false to start over") from e
+    params = trainable(models)
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise CheckpointError(f"checkpoint {path} does not match the models: missing {missing[:3]}, unexpected "
+                              f"{extra[:3]}; was it written with other models or another train_layers?")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(weights[key])
+    for name, obj in stateful.items():
+        obj.load_state_dict(saved["stateful"][name])
+    set_rng_state(saved["rng"], generators)
+    return saved["state"]
+
+
+def remove_checkpoints(out: str | Path) -> None:
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
