@@ -165,3 +165,17 @@ def test_a_failed_start_does_not_block_a_corrected_command(tmp_path, assets, cap
     missing = str(tmp_path / "nope.jsonl")
     assert main([*argv, "--data", missing]) == 2  # stops before any training: nothing of value to protect
     assert main(argv) == 0
+
+
+def test_resume_refuses_a_reward_model_that_changed(tmp_path, assets, capsys):
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(assets["rm"], rm)
+    argv = [*stage_args("ppo", {**assets, "rm": str(rm)}), "--out", str(tmp_path / "p")]
+    kill(argv, 2)
+    meta = json.loads((rm / "rto_model.json").read_text()) if (rm / "rto_model.json").exists() else {}
+    (rm / "rto_model.json").write_text(json.dumps({**meta, "reward_mean": 1.0, "reward_std": 2.0}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{rm} changed since" in err and "(1.0, 2.0) now" in err

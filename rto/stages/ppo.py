@@ -154,7 +154,8 @@ def run(cfg: PPOConfig) -> dict:
     history = []
     guard = NonFiniteGuard(run_, cfg.max_nonfinite_steps, f"ppo ({cfg.reward})", "iteration")
     # what a checkpoint holds beside the trainable weights: optimizers, schedulers, the minibatch generator
-    # (and every global RNG), the KL coefficient, the metrics history; the iteration is the data position
+    # (and every global RNG), the KL coefficient, the metrics history, the RM's reward statistics (a resume
+    # checks they are unchanged); the iteration is the data position
     models = {"policy": policy, "critic": critic}
     stateful = {"actor_opt": actor_opt, "actor_sched": actor_sched, "critic_opt": critic_opt,
                 "critic_sched": critic_sched}
@@ -162,6 +163,9 @@ def run(cfg: PPOConfig) -> dict:
     if run_.resume_from:
         state = load_checkpoint(run_.resume_from, models, stateful, {"minibatches": gen})
         done, beta_kl, history, guard.skipped = state["iteration"], state["beta_kl"], state["history"], state["skipped"]
+        if tuple(state["rm_stats"]) != tuple(rm_stats):
+            raise ValueError(f"{cfg.reward_model} changed since {run_.resume_from} was written (reward mean/std "
+                             f"{tuple(state['rm_stats'])} then, {tuple(rm_stats)} now); --resume false starts over")
     keep_rows(run_.dir / "rollouts.jsonl", lambda row: row["iteration"] <= done)
 
     for it in tqdm(range(done + 1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter",
@@ -257,9 +261,10 @@ def run(cfg: PPOConfig) -> dict:
         if cfg.adaptive_kl and math.isfinite(metrics["kl"]):
             beta_kl = adaptive_kl_coef(beta_kl, metrics["kl"], cfg.target_kl, cfg.kl_horizon, cfg.rollout_size)
         if it == cfg.iterations or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
-            save_checkpoint(run_.dir, it, models, stateful, {"iteration": it, "beta_kl": beta_kl, "history": history,
-                                                             "skipped": guard.skipped},
-                            generators={"minibatches": gen}, keep=cfg.keep_checkpoints)
+            state = {"iteration": it, "beta_kl": beta_kl, "history": history, "skipped": guard.skipped,
+                     "rm_stats": list(rm_stats)}
+            save_checkpoint(run_.dir, it, models, stateful, state, generators={"minibatches": gen},
+                            keep=cfg.keep_checkpoints)
 
     save_model(policy, tokenizer, run_.dir / "policy")
     save_model(critic, tokenizer, run_.dir / "critic")
