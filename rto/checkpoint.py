@@ -7,7 +7,8 @@ A checkpoint is a folder `{out}/checkpoints/step-{N:08d}` holding
                        position, KL coefficient, metrics history...); loaded with weights_only=True
   state.json           step and time, for people
 
-It is written into a temporary sibling folder and renamed into place, so a crash or a full disk during
+It is written into a temporary sibling folder and renamed into place (models.atomic_folder, as for
+saved models), so a crash or a full disk during
 a save leaves the previous checkpoint as it was; only then are the oldest ones beyond `keep` removed.
 (accelerate's save_state writes in place, stores whole models and unpickles RNG files in full, hence
 this small module.)
@@ -16,16 +17,16 @@ this small module.)
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from rto.models import atomic_folder
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -86,14 +87,6 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = N
         g.set_state(state["generators"][name])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, state: dict,
                     generators: dict | None = None, keep: int = 1) -> Path:
     """Write checkpoint `step` of a run folder atomically, then keep only the newest `keep` checkpoints.
@@ -103,8 +96,7 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
     dicts, tensors). Raises CheckpointError (the previous checkpoints untouched) when the write fails
     or a weight is NaN/inf.
     """
-    folder = checkpoint_dir(out)
-    final = folder / f"{PREFIX}{step:08d}"
+    final = checkpoint_dir(out) / f"{PREFIX}{step:08d}"
     weights = {key: p.detach().contiguous().cpu() for key, p in trainable(models).items()}
     bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -112,18 +104,13 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}")
     if final.exists():  # already saved (e.g. the end of training falls on a periodic checkpoint)
         return final
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
     try:
-        save_file(weights, str(tmp / "weights.safetensors"))
-        torch.save({"stateful": {k: v.state_dict() for k, v in stateful.items()},
-                    "rng": rng_state(generators), "state": state}, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        for f in tmp.iterdir():
-            _fsync(f)
-        os.replace(tmp, final)
+        with atomic_folder(final) as tmp:
+            save_file(weights, str(tmp / "weights.safetensors"))
+            torch.save({"stateful": {k: v.state_dict() for k, v in stateful.items()},
+                        "rng": rng_state(generators), "state": state}, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out)
         kept = f"the last good checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final} ({e}); {kept}. Free disk space or fix the "

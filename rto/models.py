@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,15 +65,23 @@ def materialize_embedded(name: str, cache: Path | None = None) -> Path:
     return save_model(model, tokenizer, target, replace=False)  # replace=False: another process may have won
 
 
-def save_model(model, tokenizer, folder: str | Path, replace: bool = True) -> Path:
-    """`save_pretrained` (safetensors) of a causal LM or ValueModel plus its tokenizer, atomically: written
-    to a temporary sibling folder, then renamed into place. With replace=False an existing folder is kept."""
+@contextmanager
+def atomic_folder(folder: str | Path, replace: bool = True):
+    """Yield a temporary sibling of `folder` to write into; when the block ends without error its files are
+    fsynced and it is renamed to `folder`, else removed. A crash or a full disk mid-write leaves `folder`
+    as it was. With replace=False an existing `folder` is kept (another process won the race)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         if folder.exists() and replace:
             shutil.rmtree(folder)
         if not folder.exists():
@@ -80,7 +89,15 @@ def save_model(model, tokenizer, folder: str | Path, replace: bool = True) -> Pa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+
+def save_model(model, tokenizer, folder: str | Path, replace: bool = True) -> Path:
+    """`save_pretrained` (safetensors) of a causal LM or ValueModel plus its tokenizer, atomically
+    (see atomic_folder)."""
+    with atomic_folder(folder, replace) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(folder)
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -98,30 +115,27 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def check_tokenizers(roles: dict[str, str | None], trust_remote_code: bool = False) -> list[str]:
-    """Every role reads the token ids the policy's tokenizer produced, so all must share one vocabulary.
+def check_tokenizers(tokenizer, name: str, roles: dict[str, str | None], trust_remote_code: bool = False) -> list[str]:
+    """Every role reads the token ids that `tokenizer` (the one of role `name`, e.g. "policy (path)") produced,
+    so all must share its vocabulary.
 
-    roles: role name -> model folder or hub id (None entries are skipped; the first entry is the
-    reference). Raises ValueError naming the two roles and a token they disagree on. Returns the roles
-    whose folder holds no tokenizer (they cannot be checked).
+    roles: role name -> model folder or hub id (None entries are skipped). Raises ValueError naming the
+    role and a token they disagree on. Returns the roles whose folder holds no tokenizer (not checked).
     """
-    vocabs, unchecked = {}, []
+    base, unchecked = tokenizer.get_vocab(), []
     for role, path in roles.items():
         if not path:
             continue
         try:
-            vocabs[role] = (path, load_tokenizer(path, trust_remote_code).get_vocab())
+            vocab = load_tokenizer(path, trust_remote_code).get_vocab()
         except (OSError, ValueError):
             unchecked.append(f"{role} ({path})")
-    if not vocabs:
-        return unchecked
-    first, (first_path, base) = next(iter(vocabs.items()))
-    for role, (path, vocab) in vocabs.items():
+            continue
         if vocab == base:
             continue
         differ = next((t for t in base if vocab.get(t) != base[t]), None) or next(t for t in vocab if t not in base)
         raise ValueError(
-            f"the {role} ({path}) has a different tokenizer from the {first} ({first_path}): {len(vocab)} vs "
+            f"the {role} ({path}) has a different tokenizer from the {name}: {len(vocab)} vs "
             f"{len(base)} tokens, token {differ!r} is id {vocab.get(differ)} vs {base.get(differ)}; every role "
             "scores the same token ids, so all must be fine-tuned from one base model with one tokenizer")
     return unchecked

@@ -37,5 +37,5 @@ else:
                 kill()
         replace(src, dst)
 
-    checkpoint.os.replace = replace_or_kill
+    os.replace = replace_or_kill
 sys.exit(main(sys.argv[2:]))

@@ -16,7 +16,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences, load_prompts
-from rto.models import frozen_layers, shares_trunk
+from rto.models import check_tokenizers, frozen_layers, load_tokenizer, shares_trunk
 from rto.rollout import encode_prompts, encode_response
 from rto.runtime import NonFiniteError, Run, folder_state, make_accelerator, resolve_precision, seed_everything
 from rto.sequences import SeqBatch, collate
@@ -85,22 +85,43 @@ def start(cfg: Common, name: str) -> tuple[Run, object]:
     return run, accelerator
 
 
-def drop_long_prompts(run: Run, tokenizer, items: list, prompt_of, cfg: Common, what: str) -> list:
-    """Keep the items whose prompt fits in cfg.max_prompt_tokens after the chat template; the others are
-    skipped and counted in the log. Raises ValueError when none fits."""
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, [prompt_of(x) for x in items], cfg.system_prompt)]
-    kept = [x for x, n in zip(items, lengths) if n <= cfg.max_prompt_tokens]
-    if len(kept) < len(items):
-        if not kept:
+def drop_long_prompts(run: Run, tokenizer, items: list, cfg: Common, what: str, prompt_of=None) -> tuple[list, list]:
+    """Keep the items whose prompt (the item itself, or `prompt_of(item)`) fits in cfg.max_prompt_tokens after
+    the chat template; the others are skipped and counted in the log. Returns (kept items, their prompt ids);
+    raises ValueError when none fits."""
+    encoded = encode_prompts(tokenizer, [prompt_of(x) if prompt_of else x for x in items], cfg.system_prompt)
+    lengths = [len(ids) for ids in encoded]
+    fits = [n <= cfg.max_prompt_tokens for n in lengths]
+    if not all(fits):
+        if not any(fits):
             raise ValueError(f"every one of the {len(items)} {what} has a prompt longer than max_prompt_tokens="
                              f"{cfg.max_prompt_tokens} tokens (shortest: {min(lengths)}); raise --max_prompt_tokens")
-        run.note(f"skipped {len(items) - len(kept)} of {len(items)} {what}: prompt longer than max_prompt_tokens="
+        run.note(f"skipped {fits.count(False)} of {len(items)} {what}: prompt longer than max_prompt_tokens="
                  f"{cfg.max_prompt_tokens} tokens (longest {max(lengths)})")
-    return kept
+    return [x for x, ok in zip(items, fits) if ok], [ids for ids, ok in zip(encoded, fits) if ok]
+
+
+def role_tokenizer(run: Run, cfg: Common, roles: dict[str, str | None]):
+    """The tokenizer of the first role, after checking that every other role shares its vocabulary
+    (models.check_tokenizers); a role folder without a tokenizer is noted in the log."""
+    (first, path), *others = roles.items()
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    for role in check_tokenizers(tokenizer, f"{first} ({path})", dict(others), cfg.trust_remote_code):
+        run.note(f"{role}: no tokenizer in the folder, so its vocabulary is not checked")
+    return tokenizer
 
 
 def finite(x) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
+
+
+def backward_and_clip(accelerator, loss: torch.Tensor, param_sets: list[list], max_norm: float) -> list[float]:
+    """Backward pass, then clip each parameter set to `max_norm`; returns their norms before clipping.
+    A NaN/inf loss is not backpropagated and gives NaN norms: the update goes ahead only if all are finite."""
+    if not finite(loss.detach()):
+        return [float("nan")] * len(param_sets)
+    accelerator.backward(loss)
+    return [float(torch.nn.utils.clip_grad_norm_(params, max_norm)) for params in param_sets]
 
 
 class NonFiniteGuard:
@@ -169,21 +190,19 @@ def frozen(model):
 
 
 def response_batch(tokenizer, prompts: list[list[dict]], responses: list[tuple[str, bool]],
-                   system_prompt: str | None, max_prompt_tokens: int, max_response_tokens: int) -> SeqBatch:
-    """Prompts with given (text, ended) responses as one SeqBatch; prompts keep their last tokens, responses
-    their first ones."""
+                   system_prompt: str | None, max_response_tokens: int) -> SeqBatch:
+    """Prompts with given (text, ended) responses as one SeqBatch; responses keep their first
+    max_response_tokens tokens (over-long prompts were dropped at load, see drop_long_prompts)."""
     prompt_ids = encode_prompts(tokenizer, prompts, system_prompt)
     response_ids = [encode_response(tokenizer, text, ended)[:max_response_tokens] for text, ended in responses]
-    return collate([p[-max_prompt_tokens:] for p in prompt_ids], response_ids, tokenizer.pad_token_id)
+    return collate(prompt_ids, response_ids, tokenizer.pad_token_id)
 
 
-def pair_batch(tokenizer, pairs: list[PreferencePair], system_prompt: str | None,
-               max_prompt_tokens: int, max_response_tokens: int) -> SeqBatch:
+def pair_batch(tokenizer, pairs: list[PreferencePair], system_prompt: str | None, max_response_tokens: int) -> SeqBatch:
     """One SeqBatch of 2B rows: the B chosen responses first, then the B rejected ones."""
     prompts = [p.prompt for p in pairs]
     responses = [(p.chosen, p.chosen_ended) for p in pairs] + [(p.rejected, p.rejected_ended) for p in pairs]
-    return response_batch(tokenizer, prompts + prompts, responses, system_prompt, max_prompt_tokens,
-                          max_response_tokens)
+    return response_batch(tokenizer, prompts + prompts, responses, system_prompt, max_response_tokens)
 
 
 def batches(items: list, size: int, epochs: int, seed: int):
@@ -215,7 +234,7 @@ def split_heldout(items: list, fraction: float, seed: int, key=None) -> tuple[li
 def load_pair_split(path: str, cfg: PairTraining, run: Run, tokenizer) -> tuple[list[PreferencePair], list]:
     """Validated preference pairs without over-long prompts, split into (train, held-out) by prompt."""
     prompt_key = lambda pair: json.dumps(pair.prompt, sort_keys=True)  # noqa: E731
-    pairs = drop_long_prompts(run, tokenizer, load_preferences(path), lambda pair: pair.prompt, cfg, f"pairs of {path}")
+    pairs, _ = drop_long_prompts(run, tokenizer, load_preferences(path), cfg, f"pairs of {path}", lambda p: p.prompt)
     train, heldout = split_heldout(pairs, cfg.eval_fraction, cfg.seed, prompt_key)
     if not train:
         raise ValueError(f"{path}: no preference pairs to train on")
@@ -246,15 +265,12 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
                 continue
             with accelerator.autocast():
                 loss, stats = loss_fn(epoch, items)
-            grad_norm = float("nan")
-            if finite(loss.detach()):
-                accelerator.backward(loss)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            (grad_norm,) = backward_and_clip(accelerator, loss, [params], cfg.max_grad_norm)
             if math.isfinite(grad_norm):
                 optimizer.step()
                 guard.ok()
             else:
-                guard.skip(step, "gradient" if finite(loss.detach()) else "loss")
+                guard.skip(step, "gradient" if math.isfinite(loss.item()) else "loss")
             scheduler.step()  # a skipped batch still counts: the schedule follows the data position
             optimizer.zero_grad(set_to_none=True)
             metrics = {"loss": loss.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from rto.losses import PREFERENCE_LOSSES, sequence_logprob
-from rto.models import DEFAULT_MODEL, check_tokenizers, load_causal_lm, load_tokenizer, save_model, set_trainable
+from rto.models import DEFAULT_MODEL, load_causal_lm, save_model, set_trainable
 from rto.sequences import shared_trunk, token_logprobs
-from rto.stages.common import (PairTraining, fit, frozen, load_pair_split, pair_batch, param_groups,
+from rto.stages.common import (PairTraining, fit, frozen, load_pair_split, pair_batch, param_groups, role_tokenizer,
                                score_in_batches, shared_trunk_layers, start)
 
 
@@ -31,9 +31,7 @@ def run(cfg: DPOConfig) -> dict:
         raise ValueError(f"unknown loss {cfg.loss!r}; available: {', '.join(PREFERENCE_LOSSES)}")
     loss_impl = PREFERENCE_LOSSES[cfg.loss]
     run_, accelerator = start(cfg, "dpo")
-    for role in check_tokenizers({"policy": cfg.model, "reference": cfg.ref}, cfg.trust_remote_code):
-        run_.note(f"{role}: no tokenizer in the folder, so its vocabulary is not checked")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = role_tokenizer(run_, cfg, {"policy": cfg.model, "reference": cfg.ref})
     train, heldout = load_pair_split(cfg.pairs, cfg, run_, tokenizer)
     policy = load_causal_lm(cfg.model, cfg.trust_remote_code).to(accelerator.device)
     ref = frozen(load_causal_lm(cfg.ref or cfg.model, cfg.trust_remote_code).to(accelerator.device))
@@ -41,8 +39,7 @@ def run(cfg: DPOConfig) -> dict:
     n_shared = shared_trunk_layers([policy, ref], cfg.train_layers)
 
     def logps(items, grad_policy: bool):
-        batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_prompt_tokens,
-                           cfg.max_response_tokens).to(accelerator.device)
+        batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_response_tokens).to(accelerator.device)
         trunk = shared_trunk(ref, batch, n_shared)
         with torch.no_grad():
             ref_lp = sequence_logprob(token_logprobs(ref, batch, trunk, n_shared), batch.response_mask)

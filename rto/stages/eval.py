@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from rto.data import write_jsonl
-from rto.models import DEFAULT_MODEL, ValueModel, check_tokenizers, load_causal_lm, load_tokenizer, resolve_model
+from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, resolve_model
 from rto.rewards import sequence_kl
-from rto.rollout import decode_responses, encode_prompts, generate, score_sequences
-from rto.stages.common import Common, drop_long_prompts, shared_trunk_layers, start, task_prompts
+from rto.rollout import decode_responses, generate, score_sequences
+from rto.stages.common import Common, drop_long_prompts, role_tokenizer, shared_trunk_layers, start, task_prompts
 from rto.tasks import get_task
 
 Z95 = 1.959964
@@ -86,13 +86,9 @@ def run(cfg: EvalConfig) -> dict:
 
     prompts = task_prompts(cfg.task, cfg.prompts, "eval", cfg.num_prompts, cfg.seed)
     scorer = get_task(cfg.task).gold_scorer()
-    role_paths = {"reference": cfg.ref, **{f"model {label}": path for label, path in specs},
-                  "reward model": cfg.reward_model, "DPO model": cfg.dpo_model}
-    for role in check_tokenizers(role_paths, cfg.trust_remote_code):
-        run_.note(f"{role}: no tokenizer in the folder, so its vocabulary is not checked")
-    tokenizer = load_tokenizer(cfg.ref, cfg.trust_remote_code)
-    prompts = drop_long_prompts(run_, tokenizer, prompts, lambda p: p, cfg, "prompts")
-    prompt_ids = encode_prompts(tokenizer, prompts, cfg.system_prompt)
+    tokenizer = role_tokenizer(run_, cfg, {"reference": cfg.ref, **{f"model {label}": path for label, path in specs},
+                                           "reward model": cfg.reward_model, "DPO model": cfg.dpo_model})
+    prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
     ref = load_causal_lm(cfg.ref, cfg.trust_remote_code).to(device).eval()
     rm = ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code).to(device).eval() if cfg.reward_model else None
     dpo = load_causal_lm(cfg.dpo_model, cfg.trust_remote_code).to(device).eval() if cfg.dpo_model else None

@@ -15,7 +15,7 @@ import torch
 
 from rto.data import write_jsonl
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
-from rto.rollout import decode_responses, encode_prompts, generate
+from rto.rollout import decode_responses, generate
 from rto.stages.common import Common, drop_long_prompts, start, task_prompts
 from rto.tasks import get_task
 
@@ -42,11 +42,10 @@ def run(cfg: PairsConfig) -> dict:
     prompts = task_prompts(cfg.task, cfg.prompts, "train", cfg.num_prompts, cfg.seed)
     scorer = get_task(cfg.task).gold_scorer()
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
-    prompts = drop_long_prompts(run_, tokenizer, prompts, lambda p: p, cfg, "prompts")
+    prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
     model = load_causal_lm(cfg.policy, cfg.trust_remote_code).to(accelerator.device)
 
     k = cfg.samples_per_prompt
-    prompt_ids = encode_prompts(tokenizer, prompts, cfg.system_prompt)
     repeated = [ids for ids in prompt_ids for _ in range(k)]
     rollout = generate(model, tokenizer, repeated, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                        top_p=cfg.top_p, batch_size=cfg.batch_size, autocast=accelerator.autocast,

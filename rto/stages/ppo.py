@@ -23,14 +23,14 @@ from rto.advantages import gae, masked_mean, masked_whiten
 from rto.experience import Experience, SequenceTensors, TokenTensors
 from rto.losses import policy_loss, value_loss
 from rto.checkpoint import load_checkpoint, save_checkpoint
-from rto.models import (DEFAULT_MODEL, ValueModel, check_tokenizers, load_causal_lm, load_tokenizer, save_model,
-                        set_trainable)
+from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, save_model, set_trainable
 from rto.rewards import KL_ESTIMATORS, adaptive_kl_coef, dpo_token_reward, sequence_kl, token_rewards
-from rto.rollout import decode_responses, encode_prompts, generate, score_sequences
+from rto.rollout import decode_responses, generate, score_sequences
 from rto.runtime import keep_rows, timed
 from rto.sequences import critic_values, token_logprobs, token_values
-from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, drop_long_prompts, finite, frozen,
-                               make_optimizer, param_groups, shared_trunk_layers, start, task_prompts)
+from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, backward_and_clip, drop_long_prompts,
+                               finite, frozen, make_optimizer, param_groups, role_tokenizer, shared_trunk_layers, start,
+                               task_prompts)
 from rto.tasks import get_task
 
 REWARDS = ("rto", "sparse")
@@ -113,12 +113,10 @@ def run(cfg: PPOConfig) -> dict:
     device = accelerator.device
     prompts = task_prompts(cfg.task, cfg.prompts, "train", None, cfg.seed)
     gold_scorer = get_task(cfg.task).gold_scorer()
-    role_paths = {"policy": cfg.policy, "reference": cfg.ref, "DPO model": cfg.dpo_model if cfg.reward == "rto" else None,
-                  "reward model": cfg.reward_model, "critic": cfg.critic}
-    for role in check_tokenizers(role_paths, cfg.trust_remote_code):
-        run_.note(f"{role}: no tokenizer in the folder, so its vocabulary is not checked")
-    tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
-    prompts = drop_long_prompts(run_, tokenizer, prompts, lambda p: p, cfg, "prompts")
+    tokenizer = role_tokenizer(run_, cfg, {
+        "policy": cfg.policy, "reference": cfg.ref, "DPO model": cfg.dpo_model if cfg.reward == "rto" else None,
+        "reward model": cfg.reward_model, "critic": cfg.critic})
+    prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
     load = lambda path: load_causal_lm(path, cfg.trust_remote_code).to(device)  # noqa: E731
     roles = {
         "policy": load(cfg.policy),
@@ -141,7 +139,6 @@ def run(cfg: PPOConfig) -> dict:
         run_.note(f"ppo: {cfg.reward_model} has no reward statistics; scores are used unnormalised")
         rm_stats = (0.0, 1.0)
 
-    prompt_ids = encode_prompts(tokenizer, prompts, cfg.system_prompt)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(prompts), generator=gen).tolist()
     updates_per_iter = cfg.ppo_epochs * (cfg.rollout_size // cfg.minibatch_size)
@@ -215,12 +212,10 @@ def run(cfg: PPOConfig) -> dict:
                         pg_loss, pg_stats = policy_loss(logp, mb.tokens.logp, mb.tokens.advantages, m, cfg.clip)
                         values = critic_values(token_values(critic, b, mb.trunk, n_shared), b)
                         vf_loss, vf_stats = value_loss(values, mb.tokens.values, mb.tokens.returns, m, cfg.value_clip)
-                    actor_gn = critic_gn = torch.tensor(float("nan"))
-                    if finite(pg_loss.detach()) and finite(vf_loss.detach()):
-                        accelerator.backward(pg_loss + vf_loss)  # separate parameters: each loss reaches its own model
-                        actor_gn = torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
-                        critic_gn = torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
-                    if finite(actor_gn) and finite(critic_gn):
+                    # separate parameters: each loss reaches its own model
+                    actor_gn, critic_gn = backward_and_clip(accelerator, pg_loss + vf_loss,
+                                                            [actor_params, critic_params], cfg.max_grad_norm)
+                    if math.isfinite(actor_gn) and math.isfinite(critic_gn):
                         actor_opt.step()
                         critic_opt.step()
                         guard.ok()

@@ -42,8 +42,7 @@ def run(cfg: RMConfig) -> dict:
         return s[:half], s[half:]
 
     def encoded(items):
-        batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_prompt_tokens,
-                           cfg.max_response_tokens).to(accelerator.device)
+        batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_response_tokens).to(accelerator.device)
         return batch, shared_trunk(model, batch, n_frozen)
 
     final_epoch: dict = {}  # (batch, frozen trunk) of the steps of the final epoch: the statistics pass reuses them

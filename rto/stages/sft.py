@@ -31,7 +31,7 @@ def run(cfg: SFTConfig) -> dict:
 
     def nll(items):
         batch = response_batch(tokenizer, [p.prompt for p in items], [(p.chosen, p.chosen_ended) for p in items],
-                               cfg.system_prompt, cfg.max_prompt_tokens, cfg.max_response_tokens)
+                               cfg.system_prompt, cfg.max_response_tokens)
         batch = batch.to(accelerator.device)
         return nll_loss(model, batch, shared_trunk(model, batch, n_frozen), n_frozen)
 
