@@ -76,6 +76,21 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """How much of the returns' spread the critic predicts, over all masked entries:
+
+        EV = 1 - Var(returns - values) / Var(returns)
+
+    (population variances). 1: perfect; 0: no better than a constant; < 0: worse. NaN when the
+    returns do not vary.
+    """
+    require_dense(values=values, returns=returns, mask=mask)
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns == 0:
+        return torch.tensor(float("nan"), dtype=returns.dtype)
+    return 1 - masked_var(returns - values, mask, unbiased=False) / var_returns
+
+
 def _require_discount(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")

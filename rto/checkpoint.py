@@ -41,11 +41,13 @@ def checkpoint_dir(out: str | Path) -> Path:
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first (temporary folders of interrupted saves are ignored)."""
+    """Complete checkpoints of a run folder, oldest first (temporary folders of interrupted saves are ignored,
+    and so are symbolic links: a checkpoint is always a folder this run wrote)."""
     folder = checkpoint_dir(out)
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -96,6 +98,9 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
     dicts, tensors). Raises CheckpointError (the previous checkpoints untouched) when the write fails
     or a weight is NaN/inf.
     """
+    if checkpoint_dir(out).is_symlink():
+        raise CheckpointError(f"{checkpoint_dir(out)} is a symbolic link; rto writes and deletes checkpoints only "
+                              "in a folder of its own: remove the link and re-run the same command")
     final = checkpoint_dir(out) / f"{PREFIX}{step:08d}"
     weights = {key: p.detach().contiguous().cpu() for key, p in trainable(models).items()}
     bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -148,4 +153,15 @@ def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: 
 
 
 def remove_checkpoints(out: str | Path) -> None:
-    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    """Delete the checkpoints of a run folder and the temporary folders of interrupted saves, then
+    `checkpoints/` itself if nothing else is in it; never anything through a symbolic link."""
+    folder = checkpoint_dir(out)
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.name.startswith((PREFIX, f".tmp-{PREFIX}")) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something else is in it: not rto's to delete
+        pass

@@ -8,53 +8,48 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from rto.checkpoint import CheckpointError
-from rto.data import DataError, check
+from rto.data import MAX_ROW_BYTES, DataError, check
 from rto.runtime import NonFiniteError, finished_summary
-from rto.stages import dpo, eval as eval_stage, pairs, pipeline, ppo, report, rm, sft
+from rto.stages import pipeline
+from rto.stages.registry import STAGES, build_config, one_line
 
 COMMANDS = {
-    "pairs": (pairs.PairsConfig, pairs.run, "sample k responses per prompt and write gold-ranked preference pairs"),
-    "sft": (sft.SFTConfig, sft.run, "supervised fine-tuning on the chosen responses of a preference file"),
-    "rm": (rm.RMConfig, rm.run, "train a Bradley-Terry reward model"),
-    "dpo": (dpo.DPOConfig, dpo.run, "train a DPO model (RTO's dense reward source)"),
-    "ppo": (ppo.PPOConfig, ppo.run, "PPO with the RTO token reward (--reward rto) or the sparse RM reward"),
-    "eval": (eval_stage.EvalConfig, eval_stage.run, "score models on held-out prompts against a baseline"),
-    "report": (report.ReportConfig, report.run, "write report.md / report.html from eval and PPO runs"),
+    **STAGES,  # the one list of stages, shared with `rto pipeline`
     "pipeline": (pipeline.PipelineConfig, pipeline.run, "run a recipe of stages, skipping finished ones"),
     "demo": (pipeline.DemoConfig, pipeline.demo, "the whole pipeline on the embedded default, then the report"),
 }
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="rto", description="RLHF with Reinforced Token Optimization (DPO meets PPO).")
+    parser = ArgumentParser(prog="rto", description="RLHF with Reinforced Token Optimization (DPO meets PPO).",
+                            exit_on_error=False)
     subcommands = parser.add_subcommands(dest="command")
     for name, (config_cls, _, help_text) in COMMANDS.items():
-        sub = ArgumentParser(description=help_text)
+        sub = ArgumentParser(description=help_text, exit_on_error=False)
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the fields below")
         if name == "pipeline":
             sub.add_argument("recipe", type=str, help="recipe YAML")
         sub.add_class_arguments(config_cls, nested_key=None, skip={"recipe"} if name == "pipeline" else None)
         subcommands.add_subcommand(name, sub, help=help_text)
-    data = ArgumentParser(description="data files")
+    data = ArgumentParser(description="data files", exit_on_error=False)
     subcommands.add_subcommand("data", data, help="validate data files")
-    checker = ArgumentParser(description="validate a prompt or preference file")
+    checker = ArgumentParser(description="validate a prompt or preference file", exit_on_error=False)
     checker.add_argument("file", type=str)
     checker.add_argument("--kind", type=str, choices=["prompts", "preferences"], required=True)
     checker.add_argument("--split", type=str, default="train", help="split of a saved DatasetDict folder")
+    checker.add_argument("--max_row_bytes", type=int, default=MAX_ROW_BYTES,
+                         help="largest row accepted, in bytes (a JSON Lines line; the text of another row)")
     data.add_subcommands(dest="action").add_subcommand("check", checker, help="validate a prompt or preference file")
     return parser
 
 
 def _config(config_cls, ns) -> object:
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    values = {k: v for k, v in vars(ns).items() if k in names}
-    return config_cls(**values)
+    return build_config(config_cls, vars(ns))  # each field's range is checked here (rto.config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +57,19 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # rto shows its own bars; hide the per-file loading bars
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ArgumentError as e:  # a value of the wrong type, an unknown option: one line, as for every bad input
+        given = list(sys.argv[1:] if argv is None else argv)
+        command = next((a for a in given if a in COMMANDS or a == "data"), "")
+        print(f"rto{' ' + command if command else ''}: error: {one_line(str(e))} (see rto {command} --help)",
+              file=sys.stderr)
+        return 2
     command = args.command
     try:
         if command == "data":
-            print(check(args.data.check.file, args.data.check.kind, args.data.check.split))
+            opts = args.data.check
+            print(check(opts.file, opts.kind, opts.split, max_row_bytes=opts.max_row_bytes))
             return 0
         config_cls, run, _ = COMMANDS[command]
         cfg = _config(config_cls, getattr(args, command))

@@ -10,6 +10,12 @@ Three on-disk formats are accepted, for both kinds of data:
 A message list is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``. Loaded
 messages are normalised to exactly these two keys; other keys are dropped.
 
+Files are read as they stream (a line or a batch of rows at a time), never whole. A row larger
+than ``max_row_bytes`` (default ``MAX_ROW_BYTES``, 1 MiB: a JSON Lines line in bytes, or the
+UTF-8 text of a Parquet/datasets row) and text that is not valid Unicode (bytes that are not
+UTF-8, lone surrogates such as the JSON escape ``\\ud800``) are refused with the line or row, so a
+file that ``check`` passes loads the same way in every stage.
+
 Every problem is reported as a ``DataError`` (a ``ValueError``) that says where, what is wrong,
 and what to do about it.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +36,10 @@ ROLES = ("system", "user", "assistant")
 KINDS = ("prompts", "preferences")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+MAX_ROW_BYTES = 1024 * 1024  # default limit on one row: a JSON Lines line, or the text of a Parquet/datasets row
+MESSAGE_FIELDS = ("prompt", "chosen", "rejected")  # fields whose lists are message lists
+_BATCH_ROWS = 256  # rows read at a time from Parquet files and datasets folders
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _PROMPT_HELP = 'needs "prompt" as a string or a list of {"role", "content"} messages'
 _MESSAGES_HELP = (
@@ -104,12 +115,40 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    data = path.read_bytes()
+def _check_limit(max_row_bytes: int) -> int:
+    if isinstance(max_row_bytes, bool) or not isinstance(max_row_bytes, int) or max_row_bytes < 1:
+        raise ValueError(f"max_row_bytes must be a positive whole number of bytes, got {max_row_bytes!r}; "
+                         f"the default is {MAX_ROW_BYTES:,} (1 MiB)")
+    return max_row_bytes
+
+
+def _too_long(limit: int, unit: str) -> str:
+    return (f"this {unit} holds more than {limit:,} bytes, the limit per row; a row this large is almost always a "
+            "broken or wrong file: shorten or drop it, or raise the limit (max_row_bytes; `rto data check "
+            "--max_row_bytes`)")
+
+
+def _jsonl_lines(path: Path, max_row_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """``(number, raw line without its line break)``, read one line at a time from a binary handle.
+
+    No more than ``max_row_bytes`` + 2 bytes are read for a line: a longer one raises DataError.
+    """
+    with open(path, "rb") as f:
+        number = 0
+        while raw := f.readline(max_row_bytes + 2):
+            number += 1
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if len(raw) > max_row_bytes:
+                raise DataError(path, number, _too_long(max_row_bytes, "line"))
+            yield number, raw
+
+
+def _jsonl_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, dict]]:
     seen_content = False
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
+    for number, raw in _jsonl_lines(path, max_row_bytes):
         try:
             text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as e:
@@ -145,18 +184,36 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
                                     "per line")
 
 
-def _parquet_rows(path: Path) -> list[dict]:
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    """The rows of a Parquet file, read a batch of rows at a time."""
     import pyarrow.parquet as pq
 
+    def damaged(e: Exception) -> DataError:
+        return DataError(path, None, f"could not be read as Parquet ({_one_line(e)}); check that "
+                                     "the file is a complete Parquet file, or use JSON Lines")
+
     try:
-        table = pq.read_table(path)
+        reader = pq.ParquetFile(path)
+        if reader.metadata.num_rows == 0:
+            raise DataError(path, None, "the dataset has no rows; it needs at least one example")
+        batches = reader.iter_batches(batch_size=_BATCH_ROWS)
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for damaged files
-        raise DataError(path, None, f"could not be read as Parquet ({_one_line(e)}); check that "
-                                    "the file is a complete Parquet file, or use JSON Lines") from None
-    return table.to_pylist()
+        raise damaged(e) from None
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = None if batch is None else batch.to_pylist()
+        except Exception as e:
+            raise damaged(e) from None
+        if rows is None:
+            return
+        yield from rows
 
 
-def _datasets_rows(path: Path, split: str) -> list[dict]:
+def _datasets_rows(path: Path, split: str) -> Iterator[dict]:
+    """The rows of a ``save_to_disk`` folder (one split of a DatasetDict), a batch of rows at a time."""
     import datasets
 
     try:
@@ -171,26 +228,79 @@ def _datasets_rows(path: Path, split: str) -> list[dict]:
             raise DataError(path, None, f"the dataset has no split '{split}' (available: {names}); "
                                         "choose one of those splits")
         loaded = loaded[split]
-    return loaded.to_list()
+    if loaded.num_rows == 0:
+        raise DataError(path, None, "the dataset has no rows; it needs at least one example")
+    for batch in loaded.iter(batch_size=_BATCH_ROWS):
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names)):
+            yield dict(zip(names, values))
 
 
-def read_rows(path: str | os.PathLike, split: str = "train") -> Iterator[tuple[int, dict, str]]:
-    """Yield ``(number, row, unit)`` for every row of a data file, with no field validation.
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` safe to print: lone surrogates as ``\\udxxx`` escapes, cut to ``limit`` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _surrogate_check(text: str, where: str) -> None:
+    found = _SURROGATE.search(text)
+    if found:
+        raise _RowError(f"{where} holds a lone surrogate \\u{ord(found.group()):04x} (character {found.start() + 1}), "
+                        "which is not valid Unicode text; write the character itself or a complete surrogate pair "
+                        "(such as \\ud83d\\ude00), or drop this row")
+
+
+def _scan(row: Mapping) -> int:
+    """Reject lone surrogates in any string of ``row`` (field names included); return its size in bytes
+    (UTF-8 text and binary values; other values count 8 bytes)."""
+    size, stack = 0, []
+    for key, value in row.items():
+        _surrogate_check(str(key), "a field name")
+        stack.append((value, f"field '{_shown(str(key))}'", key in MESSAGE_FIELDS))
+    while stack:
+        value, where, messages = stack.pop()
+        if isinstance(value, str):
+            _surrogate_check(value, where)
+            size += len(value.encode("utf-8"))
+        elif isinstance(value, (bytes, bytearray)):
+            size += len(value)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                _surrogate_check(str(key), f"a key in {where}")
+                stack.append((item, f"{where}, key '{_shown(str(key))}'", False))
+        elif isinstance(value, (list, tuple)):
+            noun = "message" if messages else "item"
+            stack.extend((item, f"{where}, {noun} {i}", False) for i, item in enumerate(value, start=1))
+        else:
+            size += 8
+    return size
+
+
+def read_rows(path: str | os.PathLike, split: str = "train",
+              max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, dict, str]]:
+    """Yield ``(number, row, unit)`` for every row of a data file, read as it streams.
 
     ``number`` is the 1-based physical line (``unit == "line"``, JSON Lines) or the 1-based row
-    (``unit == "row"``, Parquet and ``save_to_disk`` folders). File-level problems raise DataError.
+    (``unit == "row"``, Parquet and ``save_to_disk`` folders). Fields are not validated here, but
+    every row is checked to be valid Unicode text (no lone surrogates) and no larger than
+    ``max_row_bytes`` (a JSON Lines line in bytes; the text of any other row in UTF-8 bytes).
+    File-level problems and these row problems raise DataError.
     """
-    path = Path(path)
+    path, limit = Path(path), _check_limit(max_row_bytes)
     fmt = _format_of(path)
     if fmt == "jsonl":
-        for number, row in _jsonl_rows(path):
-            yield number, row, "line"
-        return
-    rows = _parquet_rows(path) if fmt == "parquet" else _datasets_rows(path, split)
-    if not rows:
-        raise DataError(path, None, "the dataset has no rows; it needs at least one example")
-    for number, row in enumerate(rows, start=1):
-        yield number, row, "row"
+        numbered = ((number, row, "line") for number, row in _jsonl_rows(path, limit))
+    else:
+        rows = _parquet_rows(path) if fmt == "parquet" else _datasets_rows(path, split)
+        numbered = ((number, row, "row") for number, row in enumerate(rows, start=1))
+    for number, row, unit in numbered:
+        try:
+            size = _scan(row)
+        except _RowError as e:
+            raise DataError(path, number, str(e), unit) from None
+        if unit == "row" and size > limit:
+            raise DataError(path, number, _too_long(limit, "row"), unit)
+        yield number, row, unit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,51 +442,62 @@ def _preference(row: Mapping, noun: str) -> PreferencePair:
                           rejected_ended=_ended(row, "rejected_ended"))
 
 
-def _rows_matching(path, split, where):
-    for number, row, unit in read_rows(path, split):
+def _rows_matching(path, split, where, max_row_bytes=MAX_ROW_BYTES):
+    for number, row, unit in read_rows(path, split, max_row_bytes):
         if where and any(row.get(k) != v for k, v in where.items()):
             continue
         yield number, row, unit
+
+
+def iter_prompts(path: str | os.PathLike, split: str = "train", where: Mapping[str, Any] | None = None,
+                 max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[list[dict]]:
+    """Validated prompts one at a time, as the file streams (see load_prompts)."""
+    for number, row, unit in _rows_matching(path, split, where, max_row_bytes):
+        noun = f"each {unit}"
+        try:
+            yield _prompt(_require(row, "prompt", f"{noun} {_PROMPT_HELP}"), "prompt", noun)
+        except _RowError as e:
+            raise DataError(path, number, str(e), unit) from None
+
+
+def iter_preferences(path: str | os.PathLike, split: str = "train", where: Mapping[str, Any] | None = None,
+                     max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[PreferencePair]:
+    """Validated preference pairs one at a time, as the file streams (see load_preferences)."""
+    for number, row, unit in _rows_matching(path, split, where, max_row_bytes):
+        try:
+            yield _preference(row, f"each {unit}")
+        except _RowError as e:
+            raise DataError(path, number, str(e), unit) from None
 
 
 # ----------------------------------------------------------------------------------------------
 # Public loaders
 # ----------------------------------------------------------------------------------------------
 
-def load_prompts(path: str | os.PathLike, split: str = "train",
-                 where: Mapping[str, Any] | None = None) -> list[list[dict]]:
+def load_prompts(path: str | os.PathLike, split: str = "train", where: Mapping[str, Any] | None = None,
+                 max_row_bytes: int = MAX_ROW_BYTES) -> list[list[dict]]:
     """Load prompts as message lists; a text prompt becomes ``[{"role": "user", "content": text}]``.
 
     Each row needs ``prompt``: non-empty text, or a message list ending with a user message.
     Extra fields are ignored. ``split`` picks the split of a ``DatasetDict`` folder; ``where``
-    keeps only rows whose fields equal the given values (e.g. ``{"split": "eval"}``).
+    keeps only rows whose fields equal the given values (e.g. ``{"split": "eval"}``). A row
+    larger than ``max_row_bytes`` (default MAX_ROW_BYTES, 1 MiB) or holding text that is not
+    valid Unicode raises DataError.
     """
-    prompts = []
-    for number, row, unit in _rows_matching(path, split, where):
-        noun = f"each {unit}"
-        try:
-            prompts.append(_prompt(_require(row, "prompt", f"{noun} {_PROMPT_HELP}"), "prompt", noun))
-        except _RowError as e:
-            raise DataError(path, number, str(e), unit) from None
-    return prompts
+    return list(iter_prompts(path, split, where, max_row_bytes))
 
 
-def load_preferences(path: str | os.PathLike, split: str = "train",
-                     where: Mapping[str, Any] | None = None) -> list[PreferencePair]:
+def load_preferences(path: str | os.PathLike, split: str = "train", where: Mapping[str, Any] | None = None,
+                     max_row_bytes: int = MAX_ROW_BYTES) -> list[PreferencePair]:
     """Load preference pairs.
 
     Each row has ``chosen`` and ``rejected`` (text, or a message list whose last message is the
     assistant's answer, as in UltraFeedback-binarized) and ``prompt`` (text or a message list;
     optional when ``chosen`` is a message list, whose messages before the answer are then the
-    prompt). Optional booleans ``chosen_ended`` / ``rejected_ended`` default to true.
+    prompt). Optional booleans ``chosen_ended`` / ``rejected_ended`` default to true. Row size
+    and Unicode are checked as in load_prompts.
     """
-    pairs = []
-    for number, row, unit in _rows_matching(path, split, where):
-        try:
-            pairs.append(_preference(row, f"each {unit}"))
-        except _RowError as e:
-            raise DataError(path, number, str(e), unit) from None
-    return pairs
+    return list(iter_preferences(path, split, where, max_row_bytes))
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping | PreferencePair]) -> Path:
@@ -418,9 +539,21 @@ def _prompt_chars(messages: list[dict]) -> int:
     return sum(len(m["content"]) for m in messages)
 
 
-def _stats(name: str, lengths: list[int]) -> str:
-    mean = sum(lengths) / len(lengths)
-    return f"  {name:<9} min {min(lengths):,} / mean {mean:,.1f} / max {max(lengths):,}"
+class _Lengths:
+    """Running min / mean / max of lengths, so a summary never holds the rows."""
+
+    def __init__(self, name: str):
+        self.name, self.count, self.total, self.low, self.high = name, 0, 0, None, None
+
+    def add(self, length: int) -> None:
+        self.count += 1
+        self.total += length
+        self.low = length if self.low is None else min(self.low, length)
+        self.high = length if self.high is None else max(self.high, length)
+
+    def line(self) -> str:
+        mean = self.total / self.count
+        return f"  {self.name:<9} min {self.low:,} / mean {mean:,.1f} / max {self.high:,}"
 
 
 def _format_name(path: Path) -> str:
@@ -429,23 +562,32 @@ def _format_name(path: Path) -> str:
     return "Parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "JSON Lines"
 
 
-def _summary(path: Path, kind: str, items: list) -> str:
-    lines = [f"{path}: {kind} ({_format_name(path)})", f"rows: {len(items)}"]
-    if not items:
+def _summary(path: Path, kind: str, items: Iterable) -> str:
+    """Summarise validated items (prompts or PreferencePairs) as they stream by."""
+    names = ("prompt",) if kind == "prompts" else ("prompt", "chosen", "rejected")
+    lengths = {name: _Lengths(name) for name in names}
+    rows = multi = not_chosen = not_rejected = 0
+    for item in items:
+        rows += 1
+        if kind == "prompts":
+            lengths["prompt"].add(_prompt_chars(item))
+            multi += len(item) > 1
+            continue
+        lengths["prompt"].add(_prompt_chars(item.prompt))
+        lengths["chosen"].add(len(item.chosen))
+        lengths["rejected"].add(len(item.rejected))
+        not_chosen += not item.chosen_ended
+        not_rejected += not item.rejected_ended
+    lines = [f"{path}: {kind} ({_format_name(path)})", f"rows: {rows}"]
+    if not rows:
         return "\n".join(lines)
     lines.append("length in characters:")
+    lines.extend(stat.line() for stat in lengths.values())
     if kind == "prompts":
-        lines.append(_stats("prompt", [_prompt_chars(p) for p in items]))
-        multi = sum(len(p) > 1 for p in items)
         lines.append(f"multi-message prompts: {multi}")
     else:
-        lines.append(_stats("prompt", [_prompt_chars(p.prompt) for p in items]))
-        lines.append(_stats("chosen", [len(p.chosen) for p in items]))
-        lines.append(_stats("rejected", [len(p.rejected) for p in items]))
-        not_chosen = sum(not p.chosen_ended for p in items)
-        not_rejected = sum(not p.rejected_ended for p in items)
         lines.append(f"responses marked not ended: chosen {not_chosen}, rejected "
-                     f"{not_rejected} (of {len(items)} each)")
+                     f"{not_rejected} (of {rows} each)")
     return "\n".join(lines)
 
 
@@ -454,19 +596,26 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown data kind {kind!r}; use one of: {', '.join(KINDS)}")
 
 
-def _load(path: str | os.PathLike, kind: str, split: str) -> list:
+def _stream(path: str | os.PathLike, kind: str, split: str, max_row_bytes: int) -> Iterator:
     _check_kind(kind)
-    return load_prompts(path, split) if kind == "prompts" else load_preferences(path, split)
+    _check_limit(max_row_bytes)
+    reader = iter_prompts if kind == "prompts" else iter_preferences
+    return reader(path, split, max_row_bytes=max_row_bytes)
 
 
-def summarize(path: str | os.PathLike, kind: str, split: str = "train") -> str:
-    """A short multi-line summary of a valid data file: kind, rows, length statistics."""
-    return _summary(Path(path), kind, _load(path, kind, split))
+def summarize(path: str | os.PathLike, kind: str, split: str = "train", max_row_bytes: int = MAX_ROW_BYTES) -> str:
+    """A short multi-line summary of a valid data file: kind, rows, length statistics.
+
+    The file is read as it streams: memory stays small whatever its size.
+    """
+    return _summary(Path(path), kind, _stream(path, kind, split, max_row_bytes))
 
 
-def check(path: str | os.PathLike, kind: str, split: str = "train") -> str:
+def check(path: str | os.PathLike, kind: str, split: str = "train", max_row_bytes: int = MAX_ROW_BYTES) -> str:
     """Validate ``path`` as ``kind`` ("prompts" or "preferences"); return its summary.
 
-    Raises DataError on the first problem found, ValueError for an unknown kind.
+    Every row is validated as the stages read it, and no larger than ``max_row_bytes``
+    (default MAX_ROW_BYTES, 1 MiB). Raises DataError on the first problem found, ValueError
+    for an unknown kind or limit.
     """
-    return summarize(path, kind, split)
+    return summarize(path, kind, split, max_row_bytes)

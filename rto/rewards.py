@@ -96,6 +96,7 @@ def token_rewards(
     mask: Tensor,
     *,
     logp_dpo: Tensor | None = None,
+    logp_ref_t1: Tensor | None = None,
     rm_score: Tensor | None = None,
     beta_dpo: float = 0.05,
     beta_kl: float = 0.01,
@@ -114,6 +115,15 @@ def token_rewards(
     the model pi_dpo was trained against with DPO (there is no separate "DPO reference").
     The paper writes beta1, beta2, beta3 for beta_dpo, beta_kl, beta_rm (defaults 0.05, 0.01, 1).
 
+    - Temperatures: logp and logp_ref are taken at the sampling temperature T (the KL penalty is about
+      the distribution that samples); the DPO term compares pi_dpo and pi_ref at temperature 1, the scale
+      DPO trained them on, so pass logp_ref_t1 (log pi_ref at T=1) when T != 1 (None: logp_ref is used).
+    - KL_t is k1 = log pi(y_t) - log pi_ref(y_t), the only estimator allowed here. As a reward the
+      penalty reaches the policy through the score-function gradient E[grad log pi * return], which
+      ignores the penalty's own dependence on pi. For k1 that missing term is E_pi[grad log pi] = 0,
+      so the gradient is exactly that of -beta_kl * KL(pi || pi_ref). For k3 = rho - 1 - log rho
+      (rho = pi_ref / pi) it is E_pi[(1 - rho) grad log pi] = -sum_y pi_ref(y) grad log pi(y) != 0, so
+      the gradient is biased; k2 and k3 belong in a loss term that is differentiated directly.
     - logp_dpo=None drops the DPO term (classic sparse PPO); rm_score=None drops the sentence term.
     - rm_score is per-sequence [B], already normalised by the caller ((r - mu) / sigma).
     - dpo_clip caps the scaled DPO term per token (0.05 as in the authors' public script, which
@@ -129,8 +139,14 @@ def token_rewards(
     _require_finite(beta_dpo=beta_dpo, beta_kl=beta_kl, beta_rm=beta_rm)
     zeros = torch.zeros_like(logp)
 
-    dense_dpo = zeros if logp_dpo is None else dpo_token_reward(logp_dpo, logp_ref, beta_dpo, dpo_clip)
-    kl = kl_penalty(logp, logp_ref, kl_estimator)
+    if kl_estimator != "k1":
+        raise ValueError(f"the KL penalty in the reward must use the k1 estimator, got {kl_estimator!r}: as a "
+                         "reward, k2 and k3 give a biased policy gradient (see rto.rewards.token_rewards)")
+    if logp_ref_t1 is not None:
+        require_same_shape(logp=logp, logp_ref_t1=logp_ref_t1)
+    ref_t1 = logp_ref if logp_ref_t1 is None else logp_ref_t1
+    dense_dpo = zeros if logp_dpo is None else dpo_token_reward(logp_dpo, ref_t1, beta_dpo, dpo_clip)
+    kl = kl_k1(logp, logp_ref)
     rm = zeros if rm_score is None else place_on_last_token(clip_symmetric(rm_score, rm_clip), mask)
 
     rewards = dense_dpo - beta_kl * kl + beta_rm * rm.to(logp.dtype)  # eq. 4.7

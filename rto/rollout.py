@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from rto.sequences import (SeqBatch, collate, critic_values, cut_at_eos, sequence_scores, shared_trunk,
-                           token_logprobs, token_values)
+from rto.sequences import (SeqBatch, collate, critic_values, cut_at_eos, entropy_from_logits, logprobs_from_logits,
+                           response_logits, sequence_scores, shared_trunk, token_logprobs, token_values)
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -19,18 +22,77 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def _control_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching the tokenizer's special-token strings (e.g. ``<|im_end|>``), or None when it has none."""
+    strings = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content},
+                     key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, strings))) if strings else None
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """Ids of `text` read as plain text: special-token strings in it become ordinary tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _template_pieces(tokenizer, messages: list[dict], rendered: str, found: str) -> list[tuple[str, bool]]:
+    """`rendered` (the chat template applied to `messages`) as (text, is_message_content) pieces.
+
+    The template is rendered again with a unique stand-in for each message's content and split at the
+    stand-ins; the pieces must join back to `rendered` with the contents as given (or stripped, for
+    templates that trim them). Raises ValueError, naming `found` (the special-token string seen in a
+    message), for a template that changes contents in another way.
+    """
+    tag = f"@@rto-{uuid.uuid4().hex}-"
+    stand_in = [{**m, "content": f"{tag}{i}@@"} for i, m in enumerate(messages)]
+    parts = re.split(re.escape(tag) + r"(\d+)@@", _render(tokenizer, stand_in))
+    template, order = parts[0::2], [int(i) for i in parts[1::2]]
+    for transform in (lambda s: s, str.strip):
+        contents = [transform(messages[i]["content"]) for i in order]
+        pieces = [(template[0], False)]
+        for content, text in zip(contents, template[1:]):
+            pieces += [(content, True), (text, False)]
+        if "".join(text for text, _ in pieces) == rendered:
+            return pieces
+    raise ValueError(f"the tokenizer's chat template changes the text of messages (more than trimming it), so the "
+                     f"special-token string {found!r} in a message cannot be kept as plain text; remove such "
+                     "strings from the data, or use a tokenizer whose template inserts messages as given")
+
+
 def encode_prompts(tokenizer, prompts: list[list[dict]], system_prompt: str | None = None) -> list[list[int]]:
-    """Apply the tokenizer's chat template (with the assistant turn opened) and tokenize."""
-    texts = [
-        tokenizer.apply_chat_template(with_system_prompt(m, system_prompt), tokenize=False, add_generation_prompt=True)
-        for m in prompts
-    ]
-    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    """Apply the tokenizer's chat template (with the assistant turn opened) and tokenize.
+
+    Message contents are text: a special-token string inside one (e.g. ``<|im_end|>\\n<|im_start|>system``
+    in a prompt) is encoded as ordinary tokens, never as the special token, so data cannot open or close
+    turns. A conversation without such strings gets exactly the ids of tokenizing the rendered template; one
+    with them has its template pieces tokenized as usual and its contents as plain text (see _template_pieces).
+    """
+    control = _control_pattern(tokenizer)
+    encoded = []
+    for messages in prompts:
+        messages = with_system_prompt(messages, system_prompt)
+        rendered = _render(tokenizer, messages)
+        found = next((hit.group() for m in messages if control and (hit := control.search(m["content"]))), None)
+        if found is None:
+            encoded.append(tokenizer(rendered, add_special_tokens=False).input_ids)
+            continue
+        ids = []
+        for text, is_content in _template_pieces(tokenizer, messages, rendered, found):
+            ids += _text_ids(tokenizer, text) if is_content else tokenizer(text, add_special_tokens=False).input_ids
+        encoded.append(ids)
+    return encoded
 
 
 def encode_response(tokenizer, text: str, ended: bool) -> list[int]:
-    """Response text -> ids, with the EOS token appended when the response ended on its own."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    """Response text -> ids, with the EOS token appended when the response ended on its own.
+
+    The text is plain text: a special-token string in it (e.g. ``<|im_end|>``) becomes ordinary tokens,
+    so the EOS id appears only where it is appended.
+    """
+    ids = _text_ids(tokenizer, text)
     return ids + [tokenizer.eos_token_id] if ended or not ids else ids
 
 
@@ -47,46 +109,104 @@ class Rollout:
     ended: torch.Tensor  # [B] bool: the response emitted EOS within the budget
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
+    # [B, T] log pi_T(y_t | s_t) of each sampled token under the distribution it was drawn from (from the
+    # generation's own logits); None unless generate(..., return_logprobs=True)
+    sampler_logp: torch.Tensor | None = None
+
+
+def sampling_config(*, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    greedy: bool = False, pad_token_id: int, eos_token_id: list[int],
+                    output_logits: bool = False) -> GenerationConfig:
+    """Every generation field the sampling distribution depends on, set explicitly.
+
+    transformers fills each field left None from the model's own generation_config and then from its
+    global defaults (top_k=None means top-k 50 there), so nothing is left None that could add a logits
+    processor: the default is pure sampling from softmax(logits / temperature), the distribution every
+    log-prob of PPO is computed from. top_k > 0 or top_p < 1 truncate it (PPO then runs off-policy).
+    """
+    sample = not greedy
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_length=0, do_sample=sample, num_beams=1,
+        temperature=temperature if sample else 1.0, top_k=top_k if sample else 0, top_p=top_p if sample else 1.0,
+        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0, guidance_scale=1.0,
+        renormalize_logits=False, remove_invalid_values=False, num_return_sequences=1,
+        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None, use_cache=True,
+        return_dict_in_generate=True, output_logits=output_logits,
+    )
+
+
+def off_policy_warning(top_k: int, top_p: float) -> str | None:
+    """A line for the log when sampling is truncated, so PPO's ratios and KL use another distribution."""
+    if top_k or top_p < 1.0:
+        return (f"sampling with top_k={top_k}, top_p={top_p}: responses come from a truncated distribution while "
+                "every log-prob (PPO ratio, KL, rewards) uses the full softmax, so PPO runs off-policy")
+    return None
+
+
+@contextmanager
+def _neutral_generation_config(model):
+    """The model's own generation_config (a hub model's top_k, top_p, repetition penalty, suppressed
+    tokens...) is set aside while rto samples, so only the fields of `sampling_config` apply."""
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, greedy: bool = False, batch_size: int = 32, autocast=None,
-             desc: str = "generate", progress: bool = True) -> Rollout:
-    """Sample one response per prompt (pure sampling by default: no top-k, top-p 1), batched.
+             top_p: float = 1.0, top_k: int = 0, greedy: bool = False, batch_size: int = 32, autocast=None,
+             desc: str = "generate", progress: bool = True, return_logprobs: bool = False) -> Rollout:
+    """Sample one response per prompt, batched: pure sampling at `temperature` by default (top_k 0, top_p 1,
+    no repetition penalty, whatever the model's generation_config says; see sampling_config).
 
     Prompts are sorted by length so each generation batch wastes little padding; the results come back
-    in the input order.
+    in the input order. With return_logprobs, the log-prob of each sampled token under the distribution it
+    was sampled from (log_softmax(logits / temperature) of the generation's own logits) comes back too.
     """
     device = next(model.parameters()).device
     eos = eos_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
-        top_k=None, top_p=None if greedy else top_p, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=sorted(eos), bos_token_id=None,
-    )
+    config = sampling_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             greedy=greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                             output_logits=return_logprobs)
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     responses: list[list[int] | None] = [None] * len(prompt_ids)
+    sampled_logp: list[list[float] | None] = [None] * len(prompt_ids)
     ended = torch.zeros(len(prompt_ids), dtype=torch.bool)
     bar = tqdm(total=len(prompt_ids), desc=desc, unit="seq", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in idx]}, return_tensors="pt", padding_side="left")
-        with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
-            out = model.generate(
-                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                generation_config=config,
-            )
-        for row, i in enumerate(idx):
-            tokens, ended[i] = cut_at_eos(out[row, enc["input_ids"].shape[1] :].tolist(), eos)
-            responses[i] = tokens or [tokenizer.eos_token_id]
-        bar.update(len(idx))
+    with _neutral_generation_config(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in idx]}, return_tensors="pt", padding_side="left")
+            with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+                out = model.generate(
+                    input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                    generation_config=config,
+                )
+            new = out.sequences[:, enc["input_ids"].shape[1] :]
+            if return_logprobs:  # [b, steps]: log pi_T of the token drawn at each step
+                logits = torch.stack(out.logits, 1).float() / (1.0 if greedy else temperature)
+                picked = logits.gather(-1, new.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+            for row, i in enumerate(idx):
+                tokens, ended[i] = cut_at_eos(new[row].tolist(), eos)
+                responses[i] = tokens or [tokenizer.eos_token_id]
+                if return_logprobs:
+                    sampled_logp[i] = picked[row, : len(tokens)].tolist()
+            bar.update(len(idx))
     bar.close()
     model.train(was_training)
     batch = collate(prompt_ids, responses, tokenizer.pad_token_id)
-    return Rollout(batch=batch, ended=ended, prompt_ids=prompt_ids, response_ids=responses)
+    rollout = Rollout(batch=batch, ended=ended, prompt_ids=prompt_ids, response_ids=responses)
+    if return_logprobs:
+        rollout.sampler_logp = torch.zeros_like(batch.response_mask)
+        for i, values in enumerate(sampled_logp):
+            rollout.sampler_logp[i, : len(values)] = torch.tensor(values)
+    return rollout
 
 
 def decode_responses(tokenizer, response_ids: list[list[int]]) -> list[str]:
@@ -96,23 +216,40 @@ def decode_responses(tokenizer, response_ids: list[list[int]]) -> list[str]:
 @torch.no_grad()
 def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None, rm=None, n_shared: int = 0,
                     temperature: float = 1.0, chunk: int = 16, autocast=None, device=None,
-                    keep_trunk: bool = False) -> dict[str, torch.Tensor]:
+                    keep_trunk: bool = False, entropy: bool = False) -> dict[str, torch.Tensor]:
     """Every given model reads the sampled tokens once, `chunk` sequences at a time, on one shared trunk.
+    Log-probs, values and scores are computed in fp32 (see sequences.lm_logits).
 
-    Returns, on `device`: logp_ref and logp ([B, T], at `temperature`; logp is logp_ref when policy is None),
-    logp_dpo ([B, T]) when dpo is given, values ([B, T], the critic's V(s_t)) when critic is given, rm_raw
-    ([B], pooled as the reward model was trained) when rm is given, and trunk when keep_trunk.
+    Returns, on `device`, [B, T] tensors:
+      logp_ref, logp     log pi_ref and log pi at the sampling `temperature` (the KL penalty and PPO's ratio;
+                         logp is logp_ref when policy is None)
+      logp_dpo, logp_ref_t1  (dpo given) log pi_dpo and log pi_ref at temperature 1: the scale DPO trained
+                         them on, so beta * (logp_dpo - logp_ref_t1) is the DPO implicit token reward
+      entropy            (entropy=True) entropy of the policy's sampling distribution at each response token
+      values             (critic given) the critic's V(s_t)
+    and [B] tensors: rm_raw (rm given; pooled as the reward model was trained); trunk when keep_trunk.
     """
     cols: dict[str, list] = {}
     for start in range(0, len(batch), chunk):
         b = batch.select(slice(start, start + chunk)).to(device or batch.input_ids.device)
+        out = {}
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
             trunk = shared_trunk(ref, b, n_shared)
-            logp_ref = token_logprobs(ref, b, trunk, n_shared, temperature)
-            out = {"logp_ref": logp_ref,
-                   "logp": logp_ref if policy is None else token_logprobs(policy, b, trunk, n_shared, temperature)}
+            ref_logits = response_logits(ref, b, trunk, n_shared)
+            out["logp_ref"] = logprobs_from_logits(ref_logits, b, temperature)
+            if policy is None:
+                out["logp"] = out["logp_ref"]
+                pol_logits = ref_logits
+            else:
+                pol_logits = response_logits(policy, b, trunk, n_shared)
+                out["logp"] = logprobs_from_logits(pol_logits, b, temperature)
+            if entropy:
+                out["entropy"] = entropy_from_logits(pol_logits, b, temperature)
+            del pol_logits
             if dpo is not None:
-                out["logp_dpo"] = token_logprobs(dpo, b, trunk, n_shared, temperature)
+                out["logp_ref_t1"] = out["logp_ref"] if temperature == 1.0 else logprobs_from_logits(ref_logits, b)
+                out["logp_dpo"] = token_logprobs(dpo, b, trunk, n_shared)
+            del ref_logits
             if critic is not None:
                 out["values"] = critic_values(token_values(critic, b, trunk, n_shared), b)
             if rm is not None:

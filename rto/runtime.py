@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import random
+import shlex
 import shutil
+import sys
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -84,6 +89,193 @@ class NonFiniteError(FloatingPointError):
     """Training met NaN/inf values too many steps in a row and stopped."""
 
 
+# Run folders are rto's own: a stage writes only into a new or empty folder, or one rto made (it holds
+# RUN_MARKER); one process at a time writes it (an OS lock on LOCK_FILE, released when the process ends,
+# however it ends); and what rto replaces or deletes there is never a symbolic link.
+RUN_MARKER = ".rto-run"
+LOCK_FILE = ".rto-lock"
+RUN_FOLDERS = ("checkpoints", "tb", "model", "policy", "critic", "samples", "plots")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "log.txt", "summary.json", DONE_FILE, "eval.json", "pairs.jsonl",
+             "all_pairs.jsonl", "rollouts.jsonl", "report.md", "report.html", "pipeline.json", "recipe.yaml",
+             RUN_MARKER, LOCK_FILE)
+MARKER_TEXT = "This folder was made by rto, which replaces and deletes the files it wrote here.\n"
+MAX_NAME = 100
+
+
+class RunFolderError(ValueError):
+    """A folder rto must not write into: not its own, or a symbolic link where rto writes."""
+
+
+class RunBusy(RunFolderError):
+    """Another process is writing the run folder."""
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` when it can name a file or folder inside a run folder (an eval label, a pipeline stage):
+    ASCII letters, digits, '-', '_' and '.', not starting with '.', at most MAX_NAME characters.
+    Raises a one-line ValueError naming `what` otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be text, got {value!r}")
+    bad = "".join(sorted({ch for ch in value if not (ch.isascii() and ch.isalnum()) and ch not in "-_."}))
+    problem = ("is empty" if not value else f"contains {bad!r}" if bad else "starts with '.'" if value[0] == "."
+               else f"is longer than {MAX_NAME} characters" if len(value) > MAX_NAME else None)
+    if problem:
+        raise ValueError(f"{what} {value!r} {problem}; it becomes a file or folder name inside the run folder, "
+                         "so use only letters, digits, '-', '_' and '.' (not first)")
+    return value
+
+
+def inside(path: str | Path, root: str | Path) -> bool:
+    """True when `path` is `root` or lies under it, once both are resolved ('..' and symbolic links followed)."""
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([path, root]) == root
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """True when rto made `folder` (it holds the RUN_MARKER file)."""
+    marker = Path(folder) / RUN_MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
+def _links(folder: Path) -> list[Path]:
+    """The symbolic links among what rto writes in `folder`: its files, its folders and their entries."""
+    found = [folder / name for name in (*RUN_FOLDERS, *RUN_FILES) if (folder / name).is_symlink()]
+    for name in RUN_FOLDERS:
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            found += sorted(p for p in (folder / name).iterdir() if p.is_symlink())
+    return found
+
+
+def check_run_folder(out: str | Path) -> Path:
+    """`out` as a Path when a stage may write there, else a RunFolderError; reads only, changes nothing.
+
+    Accepted: a folder that does not exist yet, an empty one, and one rto made (RUN_MARKER), as long as
+    nothing rto replaces or deletes there (config.yaml, checkpoints/, model/, ...) is a symbolic link."""
+    if out is None or not str(out).strip():
+        raise RunFolderError("the run folder (--out) is empty; name a folder, e.g. --out runs/dpo")
+    folder = Path(out)
+    if folder.is_symlink() and not folder.exists():
+        raise RunFolderError(f"run folder {out} is a symbolic link to a missing folder; remove the link or "
+                             "choose another --out")
+    if not folder.exists():
+        return folder
+    if not folder.is_dir():
+        raise RunFolderError(f"run folder {out} is a file, not a folder; choose another --out")
+    if not is_run_folder(folder) and any(folder.iterdir()):
+        raise RunFolderError(f"run folder {out} is not empty and was not made by rto (it has no {RUN_MARKER} "
+                             "file), so rto writes and deletes nothing there; choose a new or empty --out (for a "
+                             f"folder an older rto made, create an empty {folder / RUN_MARKER} first)")
+    links = _links(folder)
+    if links:
+        more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
+        raise RunFolderError(f"{links[0]} is a symbolic link{more}; rto replaces and deletes what it writes in "
+                             f"its run folder and never through a link: remove the link, or choose another --out")
+    return folder
+
+
+class _Lock:
+    """The locked LOCK_FILE of one run folder in this process, and how many claims use it."""
+
+    def __init__(self, key: str, fd: int):
+        self.key, self.fd, self.claims = key, fd, 1
+
+    def drop(self) -> None:
+        """Release one claim; the lock goes with the last one."""
+        self.claims -= 1
+        if self.claims == 0 and self.fd >= 0:
+            if _HELD.get(self.key) is self:
+                del _HELD[self.key]
+            os.ftruncate(self.fd, 0)  # the holder line is read only while a process holds the lock
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = -1
+
+
+_HELD: dict[str, _Lock] = {}  # real path of a run folder -> its lock, while this process holds it
+
+
+class FolderClaim:
+    """This process's hold on a run folder (claim_run_folder); release() it once, or use it in a `with`."""
+
+    def __init__(self, lock: _Lock):
+        self._lock, self.released = lock, False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._lock.drop()
+
+    def __enter__(self) -> FolderClaim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder_line() -> str:
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []).replace("\n", " ")
+    return f"pid {os.getpid()}: {command[:300]}"
+
+
+def _lock(folder: Path) -> int:
+    """Take the OS lock on `folder`/LOCK_FILE without waiting and write this process's pid and command into it;
+    raises RunBusy naming the process that holds it."""
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 2000, 0).decode("utf-8", "replace").strip() or "it is starting"
+        os.close(fd)
+        raise RunBusy(f"run folder {folder} is in use by another rto process ({holder}); wait for it to end or "
+                      "stop it, or choose another --out") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (_holder_line() + "\n").encode(), 0)
+    return fd
+
+
+def _mark(folder: Path) -> None:
+    """Write RUN_MARKER into `folder` (new or empty), making it rto's."""
+    try:
+        fd = os.open(folder / RUN_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:  # another process marked it first; the lock decides which one writes
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(MARKER_TEXT)
+
+
+def claim_run_folder(out: str | Path) -> FolderClaim:
+    """Make `out` this process's run folder before anything in it is read for a decision or changed:
+    check it (check_run_folder), create and mark it when new or empty, and lock it against other processes
+    (RunBusy when one holds it). Claims nest within one process (a pipeline, then its stages); the lock
+    goes when every claim is released, and with the process in any case (SIGKILL included)."""
+    check_run_folder(out)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        _HELD[key].claims += 1
+        return FolderClaim(_HELD[key])
+    if not is_run_folder(check_run_folder(out)):  # again: another process may have written it meanwhile
+        _mark(folder)
+    _HELD[key] = _Lock(key, _lock(folder))
+    claim = FolderClaim(_HELD[key])
+    try:
+        check_run_folder(out)  # a process that held the lock until now may have changed it
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
+def release_run_folders() -> None:
+    """Release every run folder this process holds (for a long-lived process after a stage failed)."""
+    for lock in list(_HELD.values()):
+        lock.claims = 1
+        lock.drop()
+
+
 def _comparable(config: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in RUNTIME_FIELDS}))
 
@@ -116,8 +308,10 @@ def folder_state(cfg) -> str:
     'resume' continue from the latest checkpoint (same config, not finished; the default)
     'done'   the same config already finished there
     Raises RunConflict when the folder holds results of a different config and `cfg.overwrite` is off,
-    and when --resume true finds nothing to resume.
+    and when --resume true finds nothing to resume; RunFolderError when `cfg.out` is not a folder rto may
+    write (check_run_folder), whatever --resume and --overwrite say.
     """
+    check_run_folder(cfg.out)
     resume, overwrite = getattr(cfg, "resume", None), getattr(cfg, "overwrite", False)
     changes = config_changes(cfg.out, cfg)
     if changes and has_results(cfg.out):
@@ -154,11 +348,22 @@ class Run:
     With `resume_from` (a checkpoint of this folder) the run continues one that stopped at that checkpoint's
     step: metric rows and TensorBoard events past it are dropped (they are logged again); otherwise every
     trace of an earlier attempt is.
+
+    The run holds its folder (claim_run_folder: rto's own, no other process writing it) until finish() or
+    close(), or until it is garbage-collected (a stage that raised), or the process ends.
     """
 
     def __init__(self, out: str | Path, config, tensorboard: bool = True, resume_from: Path | None = None):
         self.dir = Path(out)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        claim = claim_run_folder(out)
+        self._release = weakref.finalize(self, claim.release)
+        try:
+            self._open(config, tensorboard, resume_from)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, config, tensorboard: bool, resume_from: Path | None) -> None:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
         (self.dir / DONE_FILE).unlink(missing_ok=True)
         metrics = self.dir / "metrics.jsonl"
@@ -200,13 +405,23 @@ class Run:
         summary = {"wall_time_s": round(time.time() - self.started, 2), **(summary or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.dir / DONE_FILE).write_text("")
-        self.close()
         remove_checkpoints(self.dir)  # the saved model is the result; checkpoints only serve an unfinished run
+        self.close()
 
     def close(self) -> None:
-        self._metrics.close()
-        if self._tb is not None:
-            self._tb.close()
+        """Close the logs and release the run folder (another process, or the next stage, may then use it)."""
+        try:
+            self._metrics.close()
+            if self._tb is not None:
+                self._tb.close()
+        finally:
+            self._release()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def is_done(out: str | Path) -> bool:

@@ -63,6 +63,17 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
     return SeqBatch(input_ids, attention_mask, position_ids, attention_mask[:, P:].float(), P)
 
 
+def probe_batch(prompt_ids: list[list[int]], pad_id: int, response_tokens: int = 32) -> SeqBatch:
+    """A small batch to compare two ways of running a model (rto.models.checked_trunk_layers): the first two
+    prompts, each followed by a response of `response_tokens` tokens made of the prompt's own tokens repeated
+    (any tokens serve to compare two forward paths; prompts of different lengths exercise the left padding)."""
+    prompts = [list(p) or [pad_id] for p in prompt_ids[:2]]
+    if not prompts:
+        raise ValueError("a probe batch needs at least one prompt")
+    responses = [(p * (response_tokens // len(p) + 1))[:response_tokens] for p in prompts]
+    return collate(prompts, responses, pad_id)
+
+
 def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
     """Truncate a generated response after its first EOS (kept). Returns (tokens, ended_with_eos)."""
     for i, tok in enumerate(tokens):
@@ -84,14 +95,44 @@ def _response_hidden(model, batch: SeqBatch, trunk, n_frozen) -> torch.Tensor:
     return hidden[:, batch.prompt_width - 1 :]
 
 
-def token_logprobs(model, batch: SeqBatch, trunk=None, n_frozen: int = 0, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(y_t | s_t) of the response tokens, [B, T], from log_softmax(logits / temperature); 0 off the mask."""
-    hidden = _response_hidden(model, batch, trunk, n_frozen)[:, :-1]
-    logits = model.lm_head(hidden).float()
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits in fp32, whatever autocast is active: lm_head runs on fp32 hidden states with the
+    fp32 master weights, then the model's final-logit soft-cap where it has one (Gemma2:
+    logits = cap * tanh(logits / cap)), exactly as the model's own forward and `generate` compute them.
+
+    The DPO token log-ratios RTO uses as rewards are 0.005-0.05 nats: the size of bf16 rounding of logits
+    of 10-30, so they are never computed from bf16 logits.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = model.lm_head(hidden.float())
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def response_logits(model, batch: SeqBatch, trunk=None, n_frozen: int = 0) -> torch.Tensor:
+    """fp32 logits predicting each response token, [B, T, V] (row t predicts y_t from s_t)."""
+    return lm_logits(model, _response_hidden(model, batch, trunk, n_frozen)[:, :-1])
+
+
+def logprobs_from_logits(logits: torch.Tensor, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi_T(y_t | s_t) = log_softmax(logits / T)[y_t], [B, T]; 0 off the response mask."""
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     return (picked - logits.logsumexp(-1)) * batch.response_mask
+
+
+def entropy_from_logits(logits: torch.Tensor, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
+    """H_t = -sum_v pi_T(v | s_t) log pi_T(v | s_t), the entropy of the sampling distribution, [B, T]; 0 off the mask."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1) * batch.response_mask
+
+
+def token_logprobs(model, batch: SeqBatch, trunk=None, n_frozen: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_t | s_t) of the response tokens, [B, T], from log_softmax(logits / temperature) in fp32; 0 off the mask."""
+    return logprobs_from_logits(response_logits(model, batch, trunk, n_frozen), batch, temperature)
 
 
 def token_values(model: ValueModel, batch: SeqBatch, trunk=None, n_frozen: int = 0) -> torch.Tensor:
@@ -123,8 +164,7 @@ def sequence_scores(all_values: torch.Tensor, batch: SeqBatch, pooling: str = "l
 
 def nll_loss(model, batch: SeqBatch, trunk=None, n_frozen: int = 0) -> torch.Tensor:
     """Mean negative log-likelihood of the response tokens (SFT)."""
-    hidden = _response_hidden(model, batch, trunk, n_frozen)[:, :-1]
-    logits = model.lm_head(hidden).float()
+    logits = response_logits(model, batch, trunk, n_frozen)
     nll = F.cross_entropy(logits.flatten(0, 1), batch.response_ids.flatten(), reduction="none")
     mask = batch.response_mask.flatten()
     return (nll * mask).sum() / mask.sum().clamp(min=1)

@@ -47,8 +47,9 @@ def test_masked_var():
     # mean 7/3; deviations -4/3, -1/3, 5/3; squares 16/9 + 1/9 + 25/9 = 42/9 = 14/3
     close(masked_var(X, M, unbiased=False), 14 / 9)  # (14/3) / 3
     close(masked_var(X, M), 7 / 3)  # (14/3) / 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 2 masked entries, got 1"):
         masked_var(X, torch.tensor([[1, 0, 0], [0, 0, 0]]))  # one entry, unbiased
+    close(masked_var(X, torch.tensor([[1, 0, 0], [0, 0, 0]]), unbiased=False), 0.0)  # one entry is enough here
 
 
 def test_masked_whiten():
@@ -105,19 +106,41 @@ def test_gae_right_padding_ignores_garbage():
     close(returns, [[3.0, 2.0, 0.0], [3.0, 2.0, 2.0]])
 
 
-@pytest.mark.parametrize("kwargs", [dict(gamma=1.5), dict(lam=-0.1), dict(gamma=NAN)])
-def test_gae_rejects_bad_discounts(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, match", [(dict(gamma=1.5), "gamma"), (dict(lam=-0.1), "lam"),
+                                           (dict(gamma=NAN), "gamma")])
+def test_gae_rejects_bad_discounts(kwargs, match):
+    with pytest.raises(ValueError, match=rf"{match} must be in \[0, 1\]"):
         gae(REWARDS, VALUES, FULL, **kwargs)
 
 
 def test_gae_rejects_shape_mismatch():
-    with pytest.raises(ValueError, match="values"):
+    with pytest.raises(ValueError, match=r"values \[1, 2\]"):  # the message lists every shape
         gae(REWARDS, VALUES[:, :2], FULL)
 
 
-def test_registry():
-    assert ADVANTAGE_ESTIMATORS == {"gae": gae}
+def test_registry_gae_entry_computes_gae():
+    # looked up by name, the estimator gives the numbers of test_gae_gamma_one (gamma 1, lam 0.5)
+    advantages, returns = ADVANTAGE_ESTIMATORS["gae"](REWARDS, VALUES, FULL, gamma=1.0, lam=0.5)
+    close(advantages, [[1.875, 0.75, 0.5]])
+    close(returns, [[2.375, 1.75, 2.0]])
+
+
+def test_whitened_gae_by_hand_and_raw_gae_is_left_alone():
+    # GAE of test_gae_gamma_one: A = [15/8, 6/8, 4/8], mean 25/24, deviations [20/24, -7/24, -13/24]
+    # population var = (400 + 49 + 169) / 576 / 3 = 103/288; whitened = deviation / sqrt(103/288)
+    advantages, _ = gae(REWARDS, VALUES, FULL, gamma=1.0, lam=0.5)
+    s = math.sqrt(103 / 288)
+    close(masked_whiten(advantages, FULL, eps=0.0), [[20 / 24 / s, -7 / 24 / s, -13 / 24 / s]])
+    close(advantages, [[1.875, 0.75, 0.5]])  # whitening returns a new tensor, the raw GAE is unchanged
+    # with padding: row 0 has 2 tokens (A = [2.5, 1.0] from test_gae_right_padding_ignores_garbage),
+    # row 1 has 3 (A = [2.5, 1.0, 0.5]); mean 7.5 / 5 = 1.5, deviations [1, -0.5 | 1, -0.5, -1],
+    # population var (1 + 0.25 + 1 + 0.25 + 1) / 5 = 0.7
+    rewards = torch.tensor([[1.0, 2.0, 99.0], [1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, NAN], [0.5, 1.0, 1.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    s = math.sqrt(0.7)
+    close(masked_whiten(advantages, mask, eps=0.0), [[1 / s, -0.5 / s, 0.0], [1 / s, -0.5 / s, -1 / s]])
 
 
 def test_reinforce_returns():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -447,6 +448,10 @@ garbage_line = st.one_of(
     st.binary(max_size=40),
     st.text(max_size=40).map(lambda s: s.encode("utf-8", "surrogatepass")),
     json_values.map(lambda v: json.dumps(v).encode()),
+    # rows with text that may hold lone surrogates, written as JSON escapes such as \ud800
+    st.fixed_dictionaries({"prompt": st.text(st.characters(codec=None), min_size=1, max_size=8),
+                           "chosen": st.text(st.characters(categories=["Cs", "Ll"]), min_size=1, max_size=4),
+                           "rejected": st.just("r")}).map(lambda v: json.dumps(v).encode()),
 )
 
 
@@ -457,10 +462,14 @@ def test_garbage_only_raises_data_error(tmp_path, lines, name):
     path.write_bytes(b"\n".join(lines))
     for loader in (load_prompts, load_preferences):
         try:
-            loader(path)
+            loaded = loader(path)
         except DataError as err:
             assert str(err).startswith(str(path))
             assert "\n" not in str(err)
+            str(err).encode("utf-8")  # printable
+        else:  # whatever loads is valid Unicode text
+            json.dumps([dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x for x in loaded],
+                       ensure_ascii=False).encode("utf-8")
 
 
 def test_heldout_split_keeps_the_pairs_of_a_prompt_together():

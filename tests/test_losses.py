@@ -68,7 +68,7 @@ def test_policy_loss_gradient():
 def test_policy_loss_rejects_bad_input():
     with pytest.raises(ValueError, match="clip"):
         policy_loss(ppo_inputs(), OLD_LOGP, ADV, MASK, clip=0.0)
-    with pytest.raises(ValueError, match="advantages"):
+    with pytest.raises(ValueError, match=r"advantages \[2, 2\]"):  # the message lists every shape
         policy_loss(ppo_inputs(), OLD_LOGP, ADV[:, :2], MASK)
 
 
@@ -97,10 +97,17 @@ def test_value_loss_clipped():
 
 
 def test_value_loss_unclipped():
-    # 0.5 * (1 + 1 + 0) / 3 = 1/3
-    loss, stats = value_loss(VALUES, OLD_VALUES, RETURNS, VMASK, clip=None)
+    # clip=None: 0.5 * masked MSE = 0.5 * ((1 - 2)^2 + (2 - 1)^2 + (0 - 0)^2) / 3 = 1/3 (the clipped loss is 0.45)
+    values = VALUES.clone().requires_grad_(True)
+    loss, stats = value_loss(values, OLD_VALUES, RETURNS, VMASK, clip=None)
     close(loss, 1 / 3)
     close(stats["vf_clipfrac"], 0.0)
+    # gradient of 0.5 * mean((v - R)^2) is (v - R) / 3 on every response token, also where clipping would cut it
+    loss.backward()
+    close(values.grad, [[-1 / 3, 1 / 3, 0.0, 0.0]])
+    # the old values play no part without a clip
+    far_old = OLD_VALUES + torch.tensor([[100.0, -100.0, 50.0, NAN]])
+    close(value_loss(VALUES, far_old, RETURNS, VMASK, clip=None)[0], 1 / 3)
 
 
 # ---- DPO and Bradley-Terry -----------------------------------------------------------------------
@@ -158,12 +165,19 @@ def test_dpo_loss_rejects_dense_or_mismatched_inputs():
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="per-sequence"):
         dpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="ref_rejected_logp"):
+    with pytest.raises(ValueError, match=r"ref_rejected_logp \[3\]"):  # the message lists every shape
         dpo_loss(x, x, x, torch.zeros(3))
 
 
-def test_preference_registry():
-    assert PREFERENCE_LOSSES == {"dpo": dpo_loss}
+def test_preference_registry_dpo_entry_computes_dpo():
+    # looked up by name, "dpo" is the sigmoid DPO loss: pair 1 of test_dpo_loss_values_and_stats alone,
+    # beta 0.5: chosen 0.5 * (-5 - -5) = 0 ; rejected 0.5 * (-4 - -6) = 1 ; -log sigmoid(-1) = 1.3132617
+    loss, stats = PREFERENCE_LOSSES["dpo"](
+        torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([-6.0]), beta=0.5
+    )
+    close(loss, 1.3132617)
+    close(stats["reward_margin"], -1.0)
+    close(stats["accuracy"], 0.0)
 
 
 def test_bradley_terry_loss():

@@ -22,7 +22,8 @@ def _recipe(tmp_path, model):
             {"stage": "rm", "model": model, "pairs": "{run}/pairs/all_pairs.jsonl", "epochs": 1, "batch_size": 4},
             {"stage": "dpo", "model": model, "pairs": "{run}/pairs/pairs.jsonl", "batch_size": 4},
             {"name": "ppo", "stage": "ppo", "reward": "sparse", **ppo},
-            {"name": "rto", "stage": "ppo", "reward": "rto", "dpo_model": "{run}/dpo/model", **ppo},
+            {"name": "rto", "stage": "ppo", "reward": "rto", "dpo_model": "{run}/dpo/model", "beta_dpo": 0.5,
+             "dpo_clip": 0.5, **ppo},
             {"stage": "eval", "ref": model, "num_prompts": 8, "max_new_tokens": 8, "baseline": "sft",
              "models": [f"sft={model}", "dpo={run}/dpo/model", "ppo={run}/ppo/policy", "rto={run}/rto/policy"],
              "reward_model": "{run}/rm/model", "dpo_model": "{run}/dpo/model", "heatmap_model": "rto"},
@@ -59,9 +60,19 @@ def test_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model, capsys):
     assert [r["model"] for r in ev["table"]] == ["sft", "dpo", "ppo", "rto"]
     assert ev["table"][0]["kl"] == 0.0 and all(r["n"] == 8 for r in ev["table"])
     assert ev["heatmaps"] and len(ev["heatmaps"][0]["tokens"]) == len(ev["heatmaps"][0]["values"])
+    # every pair of the 4 models compared, the headline RTO vs PPO first, in eval.json and in the report
+    pairwise = ev["pairwise"]
+    assert len(pairwise) == 6 and (pairwise[0]["a"], pairwise[0]["b"]) == ("rto", "ppo")
+    assert all(p["gold_delta_ci95"] >= 0 and 0 <= p["win_rate"] <= 1 for p in pairwise)
+    assert all("kl_ci95" in r and "kl_per_token" in r for r in ev["table"])
+    # the heatmaps use the beta_dpo the rto stage trained with (recorded in its policy folder), not eval's default
+    assert ev["heatmaps"][0]["label"].startswith("0.5 * log")
     html = (run / "report.html").read_text()
-    assert "Per-token credit" in html and "rto" in html
-    assert "| sft |" in (run / "report.md").read_text()
+    assert "Per-token credit" in html and "Paired comparisons" in html
+    md = (run / "report.md").read_text()
+    assert "| sft |" in md and "| rto − ppo |" in md
+    summary = md.split("## Comparison")[0]
+    assert summary.index("rto vs ppo") < summary.index("dpo: gold")  # the headline line comes first
     phases = json.loads((run / "pipeline.json").read_text())["phase_times"]
     assert set(phases) == {"pairs", "sft", "rm", "dpo", "ppo", "rto", "eval"}
 

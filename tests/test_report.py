@@ -114,9 +114,9 @@ def test_html_content(report):
     assert "&lt;|im_end|&gt;" in page
     assert "What a &lt;lovely&gt; day" in page
     assert "tiny run &amp; not significant" in page
-    # visible whitespace and newline
+    # visible whitespace and newline (the colour legend mentions "↵" anyway: look for the token's own span)
     assert '<span class="ws">·</span>lovely' in page
-    assert "↵" in page
+    assert '<span class="ws">↵</span>' in page
 
 
 def test_only_table(tmp_path):

@@ -45,9 +45,18 @@ def test_kl_k3():
     close(kl_penalty(LOGP, LOGP_REF, "k3"), [0.1065307, 0.7182818])
 
 
-def test_kl_default_is_k1_and_registry_has_three():
-    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+@pytest.mark.parametrize("name, expected", [
+    ("k1", [0.5, -1.0]),  # log-ratio
+    ("k2", [0.125, 0.5]),  # 0.5 * log-ratio^2
+    ("k3", [0.1065307, 0.7182818]),  # exp(d) - 1 - d, d = logp_ref - logp = [-0.5, 1.0]
+])
+def test_kl_registry_entries_compute_their_estimator(name, expected):
+    close(KL_ESTIMATORS[name](LOGP, LOGP_REF), expected)
+
+
+def test_kl_default_is_k1():
     close(kl_penalty(LOGP, LOGP_REF), [0.5, -1.0])
+    close(token_rewards(LOGP[None], LOGP_REF[None], torch.ones(1, 2), beta_kl=1.0), [[-0.5, 1.0]])
 
 
 def test_kl_unknown_estimator_lists_valid_names():
@@ -138,11 +147,23 @@ def test_beta_zero_switches_a_term_off_and_never_means_unscaled():
     close(only_dpo, [[0.1, -0.05, 0.0], [-0.1, 0.1, 0.05]])
 
 
-def test_token_rewards_k2_estimator():
-    # -0.1 * 0.5 * (policy - ref)^2: row 0: -0.1 * 0.125 = -0.0125 ; -0.1 * 0.5 = -0.05
-    # row 1: 0 ; -0.05 ; -0.1 * 0.5 * 0.25 = -0.0125
-    rewards = token_rewards(POLICY, REF, MASK, beta_kl=0.1, kl_estimator="k2")
-    close(rewards, [[-0.0125, -0.05, 0.0], [0.0, -0.05, -0.0125]])
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_token_rewards_refuse_biased_kl_estimators(estimator):
+    # as a reward only k1 gives the gradient of -beta_kl * KL; k2 and k3 are refused, naming the estimator
+    with pytest.raises(ValueError, match=f"k1 estimator, got '{estimator}'"):
+        token_rewards(POLICY, REF, MASK, beta_kl=0.1, kl_estimator=estimator)
+
+
+def test_token_rewards_dpo_term_uses_the_temperature_one_reference():
+    # logp_ref_t1 = REF - 0.5 on the response tokens: every DPO log-ratio grows by 0.5, so with beta_dpo 0.1
+    # and no clips each response token gains 0.05 over test_token_rewards_without_clips; the KL term still
+    # uses REF (the sampling-temperature reference): [[0.05, 0.55], [-0.1, 0.0, -1.4]] + 0.05
+    ref_t1 = torch.where(MASK.bool(), REF - 0.5, torch.full_like(REF, NAN))
+    rewards = token_rewards(POLICY, REF, MASK, **KW, logp_ref_t1=ref_t1, dpo_clip=None, rm_clip=None)
+    close(rewards, [[0.1, 0.6, 0.0], [-0.05, 0.05, -1.35]])
+    # given as logp_ref itself, it changes nothing
+    close(token_rewards(POLICY, REF, MASK, **KW, logp_ref_t1=REF, dpo_clip=None, rm_clip=None),
+          token_rewards(POLICY, REF, MASK, **KW, dpo_clip=None, rm_clip=None))
 
 
 def test_token_rewards_bool_mask_same_as_float():
@@ -163,9 +184,10 @@ def test_token_rewards_paper_defaults():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(logp_ref=REF[:, :2]), "logp_ref"),
-        (dict(mask=MASK[:1]), "mask"),
-        (dict(logp_dpo=DPO[:, :2]), "logp_dpo"),
+        # shape errors list every tensor's shape: match the offending one with its shape
+        (dict(logp_ref=REF[:, :2]), r"logp_ref \[2, 2\]"),
+        (dict(mask=MASK[:1]), r"mask \[1, 3\]"),
+        (dict(logp_dpo=DPO[:, :2]), r"logp_dpo \[2, 2\]"),
         (dict(rm_score=torch.ones(3)), "per-sequence"),
         (dict(rm_score=torch.ones(2, 1)), "per-sequence"),
         (dict(beta_dpo=NAN), "beta_dpo"),
@@ -206,10 +228,10 @@ def rollouts(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(rollouts(), st.sampled_from(["k1", "k2", "k3"]))
-def test_rewards_are_zero_outside_mask(rollout, estimator):
+@given(rollouts())
+def test_rewards_are_zero_outside_mask(rollout):
     logp, logp_ref, logp_dpo, rm_score, mask = rollout
-    rewards = token_rewards(logp, logp_ref, mask, logp_dpo=logp_dpo, rm_score=rm_score, kl_estimator=estimator)
+    rewards = token_rewards(logp, logp_ref, mask, logp_dpo=logp_dpo, rm_score=rm_score)
     assert torch.isfinite(rewards).all()
     assert (rewards[~mask] == 0).all()
 
@@ -247,5 +269,7 @@ def test_adaptive_kl_coef_by_hand():
     assert adaptive_kl_coef(0.1, 3.0, 6.0, 1000, 100) == pytest.approx(0.098)
     # within the band: 6.6 / 6 - 1 = 0.1 -> 0.1 * (1 + 0.1 * 0.5) = 0.105
     assert adaptive_kl_coef(0.1, 6.6, 6.0, 200, 100) == pytest.approx(0.105)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="target_kl and horizon must be > 0"):
         adaptive_kl_coef(0.1, 1.0, 0.0, 10, 1)
+    with pytest.raises(ValueError, match="target_kl and horizon must be > 0"):
+        adaptive_kl_coef(0.1, 1.0, 6.0, 0, 1)

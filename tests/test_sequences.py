@@ -96,3 +96,60 @@ def test_critic_head_normalised_to_the_reward_statistics(tiny_model):
     assert rm.reward_stats() is None and rm.meta["pooling"] == "mean"
     rm.normalize_head()  # no statistics left: a second call changes nothing
     assert torch.allclose(rm.values(hidden), (raw - 0.5) / 2.0, atol=1e-6)
+
+
+# ---- generation keeps the input order ------------------------------------------------------------
+def _varied_model(tiny_model):
+    """The tiny model with larger random decoder weights: its greedy continuation depends on the prompt
+    (at the default init it just repeats the prompt's last token)."""
+    model = load_causal_lm(tiny_model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for p in layer.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def test_generate_returns_results_in_input_order(tiny_model):
+    from rto.models import load_tokenizer
+    from rto.rollout import encode_prompts, generate
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = _varied_model(tiny_model)
+    texts = ["Write one sentence about a very old, slow and quiet train.", "Hi.", "Tell me about cats and dogs.",
+             "Describe a rainy day.", "Ok"]
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": t}] for t in texts], "")
+    lengths = [len(p) for p in prompts]
+    assert len(set(lengths)) == len(prompts) and lengths != sorted(lengths)  # generate must reorder them
+
+    def alone(p):
+        r = generate(model, tokenizer, [p], max_new_tokens=6, greedy=True, progress=False)
+        return r.response_ids[0], bool(r.ended[0])
+
+    # make one prompt stop early: a token from the middle of its greedy answer becomes an extra EOS
+    first = [alone(p)[0] for p in prompts]
+    stop = first[3][2]
+    assert all(stop not in r for i, r in enumerate(first) if i != 3)
+    assert len({tuple(r) for r in first}) == len(prompts)  # every prompt has its own answer
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    expected = [alone(p) for p in prompts]
+    assert expected[3] == (first[3][:3], True)
+    assert not any(ended for i, (_, ended) in enumerate(expected) if i != 3)
+
+    for order in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1], [3, 1, 4, 0, 2]):
+        for batch_size in (1, 2, 5):
+            ids = [prompts[i] for i in order]
+            rollout = generate(model, tokenizer, ids, max_new_tokens=6, greedy=True, batch_size=batch_size,
+                               progress=False)
+            assert rollout.prompt_ids == ids
+            assert rollout.response_ids == [expected[i][0] for i in order], (order, batch_size)
+            assert rollout.ended.tolist() == [expected[i][1] for i in order]
+            # the collated batch holds each prompt with its own response, in the same order
+            b = rollout.batch
+            for row, i in enumerate(order):
+                n = len(expected[i][0])
+                assert b.input_ids[row, b.prompt_width - len(prompts[i]) : b.prompt_width].tolist() == prompts[i]
+                assert b.response_ids[row, :n].tolist() == expected[i][0]
+                assert b.response_lengths[row] == n

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from rto.report.plots import format_duration, method_colors, plot_curves, plot_times
 
-__all__ = ["write_report", "format_table_markdown", "format_duration", "token_color"]
+__all__ = ["write_report", "format_table_markdown", "format_pairwise_markdown", "pairwise_verdict",
+           "format_duration", "token_color"]
 
 _POS = (26, 152, 80)  # green end of the diverging scale
 _NEG = (215, 48, 39)  # red end
@@ -54,8 +55,10 @@ def _columns(baseline: str | None) -> list[tuple[str, str, str | None, Callable[
         (f"win rate vs {baseline or 'baseline'} ± CI",
          f"share of prompts where the response's gold score beats {base}'s (ties count half), ± 95% CI",
          "win_rate", lambda r: _pm(r, "win_rate", "win_rate_ci95")),
-        ("KL to ref", "KL(policy || reference) in nats per response: mean over the evaluated responses of "
-         "the summed log-ratio log pi - log pi_ref", "kl", lambda r: _num(r.get("kl"))),
+        ("KL to ref ± CI", "KL(policy || reference) in nats per response: mean over the evaluated responses of "
+         "the summed log-ratio log pi - log pi_ref, ± 95% CI", "kl", lambda r: _pm(r, "kl", "kl_ci95")),
+        ("KL per token", "the same per response token (each response's KL divided by its length, averaged), so "
+         "long responses do not hide a large KL per token", "kl_per_token", lambda r: _num(r.get("kl_per_token"))),
         ("RM score", "mean score of the learned reward model", "rm_mean", lambda r: _num(r.get("rm_mean"))),
         ("length", "mean response length in tokens", "length", lambda r: _num(r.get("length"), 1)),
         ("EOS rate", "share of responses that ended with EOS (not cut at the token limit)",
@@ -84,6 +87,37 @@ def format_table_markdown(table: list[dict], baseline: str | None, legend: bool 
         lines.append("")
         lines += [f"- **{h}**: {text}" for h, text in leg]
     return "\n".join(lines) + "\n"
+
+
+def _pairwise_cells(pairwise: list[dict]) -> tuple[list[str], list[list[str]]]:
+    headers = ["comparison", "gold Δ ± 95% CI", "win rate ± CI", "verdict", "n"]
+    rows = [[f"{p['a']} − {p['b']}", _pm(p, "gold_delta", "gold_delta_ci95"), _pm(p, "win_rate", "win_rate_ci95"),
+             pairwise_verdict(p), str(p.get("n", "–"))] for p in pairwise]
+    return headers, rows
+
+
+def pairwise_verdict(p: dict) -> str:
+    """'a above b' / 'a below b' when the 95% interval of the paired difference excludes 0, else 'no difference'."""
+    d, ci = p.get("gold_delta"), p.get("gold_delta_ci95")
+    if d is None or ci is None or not math.isfinite(ci):
+        return "–"
+    return f"{p['a']} above {p['b']}" if d - ci > 0 else f"{p['a']} below {p['b']}" if d + ci < 0 else "no difference"
+
+
+def format_pairwise_markdown(pairwise: list[dict]) -> str:
+    """Markdown table of every paired comparison (gold difference a − b on the same prompts)."""
+    headers, rows = _pairwise_cells(pairwise or [])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pairwise_html(pairwise: list[dict]) -> str:
+    headers, rows = _pairwise_cells(pairwise or [])
+    e = html.escape
+    return ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+            + "</tbody></table>")
 
 
 def _table_html(table: list[dict], baseline: str | None) -> str:
@@ -285,6 +319,12 @@ def write_report(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
         ht.append(f"<p>Win rates are against <code>{e(str(baseline))}</code>.</p>")
     md += [format_table_markdown(table, baseline)]
     ht.append(_table_html(table, baseline))
+
+    if results.get("pairwise"):
+        intro = ("Every pair of models on the same prompts: the paired gold difference a − b with its 95% interval "
+                 "and a's win rate over b (ties count half); the first line is the headline comparison.")
+        md += ["## Paired comparisons", "", intro, "", format_pairwise_markdown(results["pairwise"])]
+        ht += ["<h2>Paired comparisons</h2>", f"<p>{e(intro)}</p>", _pairwise_html(results["pairwise"])]
 
     if curves_png:
         md += ["## Training curves", "", "![training curves](plots/curves.png)", ""]

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from rto.config import ConfigError, check_fields
 from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences, load_prompts
-from rto.models import check_tokenizers, frozen_layers, load_tokenizer, shares_trunk
+from rto.models import check_tokenizers, checked_trunk_layers, load_tokenizer
 from rto.rollout import encode_prompts, encode_response
 from rto.runtime import NonFiniteError, Run, folder_state, make_accelerator, resolve_precision, seed_everything
 from rto.sequences import SeqBatch, collate
@@ -38,6 +39,9 @@ class Common:
     resume: bool | None = None  # null: continue from the last checkpoint in `out` if any; false: start over
     overwrite: bool = False  # allow replacing the results of a run with a different config in `out`
     max_prompt_tokens: int = 256  # prompts longer than this (chat template applied) are skipped, with a count
+
+    def __post_init__(self):
+        check_fields(self)  # every field within its range (rto.config.RULES), whatever built the config
 
 
 @dataclass
@@ -73,12 +77,19 @@ class PairTraining(Checkpointing, Optimization, Common):
 
 def start(cfg: Common, name: str) -> tuple[Run, object]:
     """Seed everything, open the run folder (resuming from its last checkpoint when the same config stopped
-    there, see runtime.folder_state) and create the accelerator; returns (run, accelerator)."""
+    there, see runtime.folder_state) and create the accelerator; returns (run, accelerator).
+
+    The folder is claimed first (runtime.claim_run_folder: rto's own, no symbolic links where rto writes, no
+    other process using it), so nothing in it is read for a decision or changed before; the run holds it
+    until `run.finish()` or `run.close()`."""
+    from rto.runtime import claim_run_folder
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    resume_from = latest_checkpoint(cfg.out) if folder_state(cfg) == "resume" else None
-    run = Run(cfg.out, cfg, resume_from=resume_from)
+    with claim_run_folder(cfg.out):
+        resume_from = latest_checkpoint(cfg.out) if folder_state(cfg) == "resume" else None
+        run = Run(cfg.out, cfg, resume_from=resume_from)
     accelerator = make_accelerator(cfg.precision)
     run.note(f"{name}: precision {resolve_precision(cfg.precision)}, device {accelerator.device}, out {run.dir}"
              + (f"; resuming from {resume_from}" if resume_from else ""))
@@ -101,11 +112,29 @@ def drop_long_prompts(run: Run, tokenizer, items: list, cfg: Common, what: str, 
     return [x for x, ok in zip(items, fits) if ok], [ids for ids, ok in zip(encoded, fits) if ok]
 
 
+def check_token_budget(cfg: Common, path: str, role: str, new_tokens: int) -> None:
+    """Refuse, before any weights load, a prompt budget plus `new_tokens` (generated or kept response tokens)
+    beyond the positions of the model at `path` (its config's max_position_embeddings)."""
+    from transformers import AutoConfig
+
+    from rto.models import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(path, role), trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001  (an unreadable model is reported, in one line, when its weights load)
+        return
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and cfg.max_prompt_tokens + new_tokens > limit:
+        raise ConfigError(f"max_prompt_tokens + {'max_new_tokens' if hasattr(cfg, 'max_new_tokens') else 'max_response_tokens'}"
+                          f" = {cfg.max_prompt_tokens} + {new_tokens} exceeds the {limit} positions of the {role} "
+                          f"({path}); lower them so that prompt and response fit")
+
+
 def role_tokenizer(run: Run, cfg: Common, roles: dict[str, str | None]):
     """The tokenizer of the first role, after checking that every other role shares its vocabulary
     (models.check_tokenizers); a role folder without a tokenizer is noted in the log."""
     (first, path), *others = roles.items()
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code, role=first)
     for role in check_tokenizers(tokenizer, f"{first} ({path})", dict(others), cfg.trust_remote_code):
         run.note(f"{role}: no tokenizer in the folder, so its vocabulary is not checked")
     return tokenizer
@@ -177,10 +206,11 @@ def make_optimizer(groups, total_steps: int, opt: Optimization):
     return optimizer, scheduler
 
 
-def shared_trunk_layers(models: list, train_layers: int | None) -> int:
-    """How many bottom layers every role can share (0 if they differ: each role then runs its full stack)."""
-    n = frozen_layers(models[0], train_layers)
-    return n if shares_trunk(models, n) else 0
+def shared_trunk_layers(models: list, train_layers: int | None, probe: SeqBatch, note) -> int:
+    """How many bottom layers every role can share, proven on `probe` (e.g. rto.sequences.probe_batch of the
+    run's first prompts); 0 when nothing is frozen or sharing would change a result, with the reason passed to
+    `note` (e.g. run.note): each role then runs its full stack. See rto.models.checked_trunk_layers."""
+    return checked_trunk_layers(models, train_layers, probe, note)
 
 
 def frozen(model):
@@ -258,7 +288,8 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
     models, stateful = {"model": model}, {"optimizer": optimizer, "scheduler": scheduler}
     done = load_checkpoint(run.resume_from, models, stateful)["step"] if run.resume_from else 0
     guard = NonFiniteGuard(run, cfg.max_nonfinite_steps, desc)
-    model.train()
+    model.eval()  # dropout off: the log-probs and scores that enter the loss are those of the model itself;
+    # gradients flow all the same
     with tqdm(total=total, initial=done, desc=desc, unit="step", disable=not cfg.progress) as bar:
         for step, (epoch, items) in enumerate(batches(train, cfg.batch_size, cfg.epochs, cfg.seed), start=1):
             if step <= done:  # the data position of the checkpoint: these batches were trained on

@@ -1,8 +1,10 @@
 """`rto eval`: score models on the held-out prompts of a task.
 
 Per model: gold score (mean, 95% interval), paired gold difference and win rate against a baseline
-on the same prompts, KL to the reference, reward-model score, response length and EOS rate. Every
-model samples with the same seed, so comparisons between models are paired.
+on the same prompts, KL to the reference per response and per token (with intervals), reward-model
+score, response length and EOS rate; and for every pair of models, the paired gold difference with its
+interval and the win rate (the `headline` pair, RTO vs PPO by default, first). Every model samples with
+the same seed on the same prompts, so comparisons between models are paired.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 import torch
 
 from rto.data import write_jsonl
-from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, resolve_model
+from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, read_meta, resolve_model
 from rto.rewards import sequence_kl
-from rto.rollout import decode_responses, generate, score_sequences
-from rto.stages.common import Common, drop_long_prompts, role_tokenizer, shared_trunk_layers, start, task_prompts
+from rto.rollout import decode_responses, generate, off_policy_warning, score_sequences
+from rto.sequences import probe_batch
+from rto.stages.common import Common, check_token_budget, drop_long_prompts, role_tokenizer, shared_trunk_layers, start, task_prompts
 from rto.tasks import get_task
 
 Z95 = 1.959964
@@ -43,11 +46,14 @@ def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> tuple[float, float
 
 
 def parse_model(spec: str) -> tuple[str, str]:
-    """'label=path' -> (label, path); a bare path is labelled by its folder name."""
+    """'label=path' -> (label, path); a bare path is labelled by its folder name. The label names the file
+    samples/{label}.jsonl, so it must be a plain name (runtime.check_name): no '/', not '..'."""
+    from rto.runtime import check_name
+
     if "=" in spec:
         label, path = spec.split("=", 1)
-        return label.strip(), path.strip()
-    return Path(spec).name or spec, spec
+        return check_name(label.strip(), "--models label"), path.strip()
+    return check_name(Path(spec).name or spec, f"--models label (the folder name of {spec!r})"), spec
 
 
 @dataclass
@@ -57,8 +63,10 @@ class EvalConfig(Common):
     ref: str = DEFAULT_MODEL  # KL reference
     reward_model: str | None = None  # adds the RM score column
     dpo_model: str | None = None  # adds per-token heatmaps of beta_dpo * log(pi_dpo / pi_ref)
-    beta_dpo: float = 0.05
-    baseline: str | None = None  # label of the baseline for win rates; null = the first model
+    beta_dpo: float | None = None  # scale of the heatmaps; null = the one the heatmap model was trained with
+    # (recorded by `rto ppo --reward rto` in its policy folder), else 0.05 (the paper's beta1)
+    baseline: str | None = None  # label of the baseline of the table's delta and win-rate columns; null = the first
+    headline: list[str] = field(default_factory=lambda: ["rto", "ppo"])  # the pair compared first, when both exist
     heatmap_model: str | None = None  # whose responses the heatmaps show; null = the last model
     heatmaps: int = 4
     task: str = "sentiment"
@@ -66,14 +74,37 @@ class EvalConfig(Common):
     num_prompts: int | None = 128  # null = all
     max_new_tokens: int = 40
     temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k (pure sampling)
     top_p: float = 1.0
     batch_size: int = 64
     score_batch_size: int = 16
 
 
+def paired_comparisons(gold: dict[str, torch.Tensor], labels: list[str], headline: list[str]) -> list[dict]:
+    """Every pair of models on the same prompts: for models a (listed later) and b (listed earlier),
+    the paired gold difference mean(a_i - b_i) with its 95% interval and a's win rate over b (ties 1/2).
+    The `headline` pair [a, b] comes first, oriented as given, when both labels exist."""
+    pairs = [(a, b) for j, a in enumerate(labels) for b in labels[:j]]
+    if len(headline) == 2 and all(x in labels for x in headline) and headline[0] != headline[1]:
+        a, b = headline
+        pairs = [(a, b)] + [p for p in pairs if set(p) != {a, b}]
+    rows = []
+    for a, b in pairs:
+        delta, delta_ci = mean_ci95(gold[a] - gold[b])
+        wins, wins_ci = win_rate(gold[a], gold[b])
+        rows.append({"a": a, "b": b, "gold_delta": delta, "gold_delta_ci95": delta_ci, "win_rate": wins,
+                     "win_rate_ci95": wins_ci, "n": len(gold[a])})
+    return rows
+
+
+def heatmap_beta(cfg: EvalConfig, heat_path: str) -> float:
+    """The beta_dpo of the heatmaps: as configured, else as the heatmap model was trained with, else 0.05."""
+    if cfg.beta_dpo is not None:
+        return cfg.beta_dpo
+    return read_meta(heat_path).get("beta_dpo") or 0.05
+
+
 def run(cfg: EvalConfig) -> dict:
-    run_, accelerator = start(cfg, "eval")
-    device = accelerator.device
     specs = [parse_model(m) for m in cfg.models]
     labels = [label for label, _ in specs]
     if len(set(labels)) != len(labels):
@@ -83,24 +114,32 @@ def run(cfg: EvalConfig) -> dict:
     for name, value in (("baseline", baseline), ("heatmap_model", heat_label)):
         if value not in labels:
             raise ValueError(f"--{name} {value!r} is not one of the model labels {labels}")
+    run_, accelerator = start(cfg, "eval")
+    device = accelerator.device
+    if warning := off_policy_warning(cfg.top_k, cfg.top_p):
+        run_.note(f"eval: {warning}")
+    beta_dpo = heatmap_beta(cfg, dict(specs)[heat_label])
 
     prompts = task_prompts(cfg.task, cfg.prompts, "eval", cfg.num_prompts, cfg.seed)
     scorer = get_task(cfg.task).gold_scorer()
     tokenizer = role_tokenizer(run_, cfg, {"reference": cfg.ref, **{f"model {label}": path for label, path in specs},
                                            "reward model": cfg.reward_model, "DPO model": cfg.dpo_model})
+    for label, path in specs:
+        check_token_budget(cfg, path, f"model {label}", cfg.max_new_tokens)
     prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
-    ref = load_causal_lm(cfg.ref, cfg.trust_remote_code).to(device).eval()
-    rm = ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code).to(device).eval() if cfg.reward_model else None
-    dpo = load_causal_lm(cfg.dpo_model, cfg.trust_remote_code).to(device).eval() if cfg.dpo_model else None
+    ref = load_causal_lm(cfg.ref, cfg.trust_remote_code, role="reference").to(device).eval()
+    rm = ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code, role="reward model").to(device).eval() if cfg.reward_model else None
+    dpo = load_causal_lm(cfg.dpo_model, cfg.trust_remote_code, role="DPO model").to(device).eval() if cfg.dpo_model else None
     rm_mean, rm_std = (rm.reward_stats() if rm else None) or (0.0, 1.0)
+    probe = probe_batch(prompt_ids, tokenizer.pad_token_id).to(device)
 
     results, heatmaps, samples = {}, [], []
     for label, path in specs:
         same_as_ref = resolve_model(path) == resolve_model(cfg.ref)
-        model = ref if same_as_ref else load_causal_lm(path, cfg.trust_remote_code).to(device).eval()
+        model = ref if same_as_ref else load_causal_lm(path, cfg.trust_remote_code, role=f"model {label}").to(device).eval()
         torch.manual_seed(cfg.seed)  # the same sampling noise for every model: paired comparisons
         rollout = generate(model, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_p=cfg.top_p, batch_size=cfg.batch_size, autocast=accelerator.autocast,
+                           top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.batch_size, autocast=accelerator.autocast,
                            desc=f"eval {label}", progress=cfg.progress)
         texts = decode_responses(tokenizer, rollout.response_ids)
         gold = torch.tensor(scorer(texts), dtype=torch.float64)
@@ -108,7 +147,7 @@ def run(cfg: EvalConfig) -> dict:
         roles = [m for m in (model, ref, rm, heat_dpo) if m is not None]
         scored = score_sequences(
             rollout.batch, ref=ref, policy=None if same_as_ref else model, dpo=heat_dpo, rm=rm,
-            n_shared=shared_trunk_layers(roles, cfg.train_layers), temperature=cfg.temperature,
+            n_shared=shared_trunk_layers(roles, cfg.train_layers, probe, run_.note), temperature=cfg.temperature,
             chunk=cfg.score_batch_size, autocast=accelerator.autocast, device=device,
         )
         scored = {k: v.cpu() for k, v in scored.items()}
@@ -124,7 +163,7 @@ def run(cfg: EvalConfig) -> dict:
         samples.append({"model": label, "prompt": prompts[0][-1]["content"], "response": texts[0],
                         "gold": float(gold[0])})
         if "logp_dpo" in scored:
-            credit = cfg.beta_dpo * (scored["logp_dpo"] - scored["logp_ref"])
+            credit = beta_dpo * (scored["logp_dpo"] - scored["logp_ref_t1"])  # the DPO implicit reward at T = 1
             for i in range(min(cfg.heatmaps, len(texts))):
                 ids = rollout.response_ids[i]
                 heatmaps.append({
@@ -132,7 +171,7 @@ def run(cfg: EvalConfig) -> dict:
                     "prompt": prompts[i][-1]["content"],
                     "tokens": [tokenizer.decode([t]) for t in ids],
                     "values": credit[i, : len(ids)].tolist(),
-                    "label": f"{cfg.beta_dpo} * log(pi_dpo / pi_ref)",
+                    "label": f"{beta_dpo} * log(pi_dpo / pi_ref)",
                 })
         run_.note(f"eval {label}: gold {gold.mean():.3f}, KL {kl.mean():.2f}, EOS rate {rollout.ended.float().mean():.2f}")
         if model is not ref:
@@ -144,19 +183,24 @@ def run(cfg: EvalConfig) -> dict:
     for label in labels:
         r = results[label]
         gold_mean, gold_ci = mean_ci95(r["gold"])
-        row = {"model": label, "gold_mean": gold_mean, "gold_ci95": gold_ci, "kl": float(r["kl"].mean()),
+        kl_mean, kl_ci = mean_ci95(r["kl"])
+        kl_tok, kl_tok_ci = mean_ci95(r["kl"] / r["length"])
+        row = {"model": label, "gold_mean": gold_mean, "gold_ci95": gold_ci, "kl": kl_mean, "kl_ci95": kl_ci,
+               "kl_per_token": kl_tok, "kl_per_token_ci95": kl_tok_ci,
                "rm_mean": None if r["rm"] is None else float(r["rm"].mean()),
                "length": float(r["length"].mean()), "eos_rate": float(r["ended"].mean()), "n": len(r["gold"])}
         if label != baseline:
             row["gold_delta"], row["gold_delta_ci95"] = mean_ci95(r["gold"] - base)
             row["win_rate"], row["win_rate_ci95"] = win_rate(r["gold"], base)
         table.append(row)
-    report = {"table": table, "baseline": baseline, "heatmaps": heatmaps, "samples": samples,
+    pairwise = paired_comparisons({label: results[label]["gold"] for label in labels}, labels, cfg.headline)
+    report = {"table": table, "baseline": baseline, "pairwise": pairwise, "heatmaps": heatmaps, "samples": samples,
               "n_prompts": len(prompts), "seed": cfg.seed, "temperature": cfg.temperature,
-              "max_new_tokens": cfg.max_new_tokens, "task": cfg.task}
+              "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k, "top_p": cfg.top_p, "task": cfg.task}
     (run_.dir / "eval.json").write_text(json.dumps(report, indent=2))
-    from rto.report import format_table_markdown
+    from rto.report import format_pairwise_markdown, format_table_markdown
 
     run_.note(format_table_markdown(table, baseline, legend=False))
+    run_.note(format_pairwise_markdown(pairwise))
     run_.finish({"models": labels, "baseline": baseline})
     return report

@@ -27,18 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from rto.runtime import finished_summary
-from rto.stages import dpo, eval as eval_stage, pairs, ppo, report, rm, sft
+from rto.config import check_fields
+from rto.runtime import check_name, claim_run_folder, finished_summary, inside
+from rto.stages.registry import STAGES, parse_config
 
-STAGES = {
-    "pairs": (pairs.PairsConfig, pairs.run),
-    "sft": (sft.SFTConfig, sft.run),
-    "rm": (rm.RMConfig, rm.run),
-    "dpo": (dpo.DPOConfig, dpo.run),
-    "ppo": (ppo.PPOConfig, ppo.run),
-    "eval": (eval_stage.EvalConfig, eval_stage.run),
-    "report": (report.ReportConfig, report.run),
-}
 ALWAYS_RUN = {"report"}  # cheap, and should reflect the latest results
 
 
@@ -52,6 +44,9 @@ class PipelineConfig:
     progress: bool = True
     overwrite: bool | None = None  # replace the results of stages whose config changed since they ran
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 def _fill(value, run_dir: str):
     if isinstance(value, str):
@@ -64,19 +59,28 @@ def _fill(value, run_dir: str):
 
 
 def stage_configs(recipe: dict, source: str, overrides: dict) -> list[tuple[str, str, object]]:
-    """Recipe dict -> [(name, stage, config)], with clear errors naming the recipe and the stage."""
+    """Recipe dict -> [(name, stage, config)], every entry parsed and checked as on the command line
+    (registry.parse_config), before anything runs; errors name the recipe, the stage and the field.
+
+    A stage writes to `{run}/{name}` unless it sets `out`; a relative `out` must stay inside the recipe's run
+    folder (an absolute path is taken as written, on purpose)."""
     run_dir = str(overrides.get("out") or recipe.get("out") or "runs/pipeline")
     defaults = {**(recipe.get("defaults") or {}), **{k: v for k, v in overrides.items() if k != "out" and v is not None}}
     entries = recipe.get("stages")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{source}: needs a non-empty `stages` list")
-    out = []
+    out, names = [], set()
     for i, entry in enumerate(entries, 1):
-        entry = dict(entry or {})
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: stage {i} is a {type(entry).__name__}; each stage is a mapping with `stage`")
+        entry = dict(entry)
         stage = entry.pop("stage", None)
         if stage not in STAGES:
             raise ValueError(f"{source}: stage {i} has stage {stage!r}; use one of: {', '.join(STAGES)}")
-        name = entry.pop("name", stage)
+        name = check_name(str(entry.pop("name", stage)), f"{source}: stage {i} name")
+        if name in names:
+            raise ValueError(f"{source}: two stages are named {name!r}; give each stage its own name")
+        names.add(name)
         config_cls = STAGES[stage][0]
         known = {f.name for f in dataclasses.fields(config_cls)}
         unknown = sorted(set(entry) - known)
@@ -85,8 +89,13 @@ def stage_configs(recipe: dict, source: str, overrides: dict) -> list[tuple[str,
         values = {k: v for k, v in defaults.items() if k in known}
         values.update(entry)
         values.setdefault("out", f"{{run}}/{name}")
+        written = str(values["out"])  # as the recipe wrote it, before "{run}" is filled in
         values = _fill(values, run_dir)
-        out.append((name, stage, config_cls(**values)))
+        raw_out = str(values["out"])
+        if not Path(written).is_absolute() and not inside(raw_out, run_dir):
+            raise ValueError(f"{source}: stage {name!r} writes to {raw_out!r}, outside the run folder {run_dir!r}; "
+                             "use a path under \"{run}\" (or an absolute path, taken as written)")
+        out.append((name, stage, parse_config(stage, values, f"{source}: stage {name!r} ({stage})")))
     return out
 
 
@@ -102,21 +111,21 @@ def run(cfg: PipelineConfig) -> Path:
                  "progress": cfg.progress, "overwrite": cfg.overwrite}
     configs = stage_configs(recipe, source, overrides)
     run_dir = Path(cfg.out or recipe.get("out") or "runs/pipeline")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_path = run_dir / "pipeline.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    state.update({"recipe": source, "phase_times": state.get("phase_times", {})})
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    for name, stage, config in configs:
-        if stage not in ALWAYS_RUN and finished_summary(config) is not None:
-            print(f"pipeline: {name} already done in {config.out}; skipping")
-            continue
-        print(f"pipeline: {name} ({stage}) -> {config.out}", flush=True)
-        started = time.time()
-        STAGES[stage][1](config)
-        if stage not in ALWAYS_RUN:
-            state["phase_times"][name] = round(time.time() - started, 2)
-        state_path.write_text(json.dumps(state, indent=2))
+    with claim_run_folder(run_dir):  # rto's own folder, one pipeline at a time; each stage claims its own too
+        state_path = run_dir / "pipeline.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        state.update({"recipe": source, "phase_times": state.get("phase_times", {})})
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        for name, stage, config in configs:
+            if stage not in ALWAYS_RUN and finished_summary(config) is not None:
+                print(f"pipeline: {name} already done in {config.out}; skipping")
+                continue
+            print(f"pipeline: {name} ({stage}) -> {config.out}", flush=True)
+            started = time.time()
+            STAGES[stage][1](config)
+            if stage not in ALWAYS_RUN:
+                state["phase_times"][name] = round(time.time() - started, 2)
+            state_path.write_text(json.dumps(state, indent=2))
     return run_dir
 
 
@@ -136,6 +145,9 @@ class DemoConfig:
     threads: int | None = None
     progress: bool = True
     overwrite: bool | None = None  # replace the results of stages whose config changed since they ran
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def demo(cfg: DemoConfig) -> Path:

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rto.advantages import gae, masked_mean, masked_whiten
+from rto.advantages import explained_variance, gae, masked_mean, masked_whiten
 from rto.experience import Experience, SequenceTensors, TokenTensors
 from rto.losses import policy_loss, value_loss
 from rto.checkpoint import load_checkpoint, save_checkpoint
-from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, save_model, set_trainable
-from rto.rewards import KL_ESTIMATORS, adaptive_kl_coef, dpo_token_reward, sequence_kl, token_rewards
-from rto.rollout import decode_responses, generate, score_sequences
+from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, read_meta, save_model, set_trainable, weights_fingerprint
+from rto.rewards import adaptive_kl_coef, dpo_token_reward, sequence_kl, token_rewards
+from rto.rollout import decode_responses, generate, off_policy_warning, score_sequences
 from rto.runtime import keep_rows, timed
-from rto.sequences import critic_values, token_logprobs, token_values
+from rto.sequences import critic_values, probe_batch, token_logprobs, token_values
 from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, backward_and_clip, drop_long_prompts,
-                               finite, frozen, make_optimizer, param_groups, role_tokenizer, shared_trunk_layers, start,
+                               check_token_budget, finite, frozen, make_optimizer, param_groups, role_tokenizer, shared_trunk_layers, start,
                                task_prompts)
 from rto.tasks import get_task
 
@@ -52,8 +52,9 @@ class PPOConfig(Checkpointing, Optimization, Common):
     minibatch_size: int = 8
     ppo_epochs: int = 1
     max_new_tokens: int = 40
-    temperature: float = 1.0  # sampling temperature; every log-prob is taken at it
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature; the policy's and the KL's log-probs are taken at it
+    top_k: int = 0  # 0 = no top-k; > 0 truncates the sampler, so PPO runs off-policy
+    top_p: float = 1.0  # 1 = no nucleus cut; < 1 truncates the sampler, so PPO runs off-policy
     actor_lr: float = 3e-5
     critic_lr: float = 3e-5
     warmup_ratio: float = 0.0
@@ -61,7 +62,6 @@ class PPOConfig(Checkpointing, Optimization, Common):
     beta_dpo: float = 0.05  # paper's beta1
     dpo_clip: float | None = 0.05  # clip of beta_dpo * log-ratio per token; null = none
     beta_kl: float = 0.01  # paper's beta2 (initial value when adaptive_kl)
-    kl_estimator: str = "k1"
     adaptive_kl: bool = False
     target_kl: float = 6.0  # nats per response, for the adaptive controller
     kl_horizon: int = 10000
@@ -83,10 +83,22 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.reward == "rto" and not cfg.dpo_model:
         raise ValueError("--reward rto needs --dpo_model (a DPO-trained model, e.g. the `model` folder written by "
                          "`rto dpo`); use --reward sparse for classic PPO")
-    if cfg.kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"--kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
     if cfg.rollout_size % cfg.minibatch_size:
         raise ValueError(f"rollout_size ({cfg.rollout_size}) must be a multiple of minibatch_size ({cfg.minibatch_size})")
+
+
+def check_dpo_reference(run_, cfg: PPOConfig, ref) -> None:
+    """RTO's dense term is the DPO implicit reward only against the reference pi_dpo was trained with: a DPO
+    model folder written by `rto dpo` records it (a fingerprint of its weights); another reference is refused."""
+    record = read_meta(cfg.dpo_model)
+    if "reference_fingerprint" not in record:
+        run_.note(f"ppo: {cfg.dpo_model} does not record the reference it was trained against; make sure it is "
+                  f"{cfg.ref or cfg.policy}")
+        return
+    if record["reference_fingerprint"] != weights_fingerprint(ref):
+        raise ValueError(f"the DPO model {cfg.dpo_model} was trained against {record.get('reference')!r}, whose "
+                         f"weights differ from this run's reference {cfg.ref or cfg.policy!r}; RTO's dense reward is "
+                         "only the DPO implicit reward against that model: pass it as --ref (or --policy)")
 
 
 def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerator, rm_stats) -> Experience:
@@ -94,7 +106,7 @@ def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerat
     scored = score_sequences(
         rollout.batch, ref=roles["ref"], policy=roles["policy"], dpo=roles["dpo"], critic=roles["critic"],
         rm=roles["rm"], n_shared=n_shared, temperature=cfg.temperature, chunk=cfg.score_batch_size,
-        autocast=accelerator.autocast, device=accelerator.device, keep_trunk=True,
+        autocast=accelerator.autocast, device=accelerator.device, keep_trunk=True, entropy=True,
     )
     batch = rollout.batch.to(accelerator.device)
     ended = rollout.ended.to(accelerator.device)
@@ -102,7 +114,8 @@ def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerat
     if cfg.missing_eos_penalty is not None:
         rm_score = torch.where(ended, rm_score, rm_score - cfg.missing_eos_penalty)
     tokens = TokenTensors(logp=scored["logp"], logp_ref=scored["logp_ref"], values=scored["values"],
-                          logp_dpo=scored.get("logp_dpo"))
+                          logp_dpo=scored.get("logp_dpo"), logp_ref_t1=scored.get("logp_ref_t1"),
+                          entropy=scored["entropy"])
     seqs = SequenceTensors(rm_raw=scored["rm_raw"], rm_score=rm_score, ended=ended, length=batch.response_lengths)
     return Experience(batch=batch, tokens=tokens, seqs=seqs, trunk=scored.get("trunk"))
 
@@ -116,24 +129,28 @@ def run(cfg: PPOConfig) -> dict:
     tokenizer = role_tokenizer(run_, cfg, {
         "policy": cfg.policy, "reference": cfg.ref, "DPO model": cfg.dpo_model if cfg.reward == "rto" else None,
         "reward model": cfg.reward_model, "critic": cfg.critic})
+    check_token_budget(cfg, cfg.policy, "policy", cfg.max_new_tokens)
     prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
-    load = lambda path: load_causal_lm(path, cfg.trust_remote_code).to(device)  # noqa: E731
+    load = lambda path, role: load_causal_lm(path, cfg.trust_remote_code, role=role).to(device)  # noqa: E731
     roles = {
-        "policy": load(cfg.policy),
-        "ref": frozen(load(cfg.ref or cfg.policy)),
-        "dpo": frozen(load(cfg.dpo_model)) if cfg.reward == "rto" else None,
-        "rm": frozen(ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code).to(device)),
-        "critic": ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code).to(device),
+        "policy": load(cfg.policy, "policy"),
+        "ref": frozen(load(cfg.ref or cfg.policy, "reference")),
+        "dpo": frozen(load(cfg.dpo_model, "DPO model")) if cfg.reward == "rto" else None,
+        "rm": frozen(ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code, role="reward model").to(device)),
+        "critic": ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code, role="critic").to(device),
     }
+    if cfg.reward == "rto":
+        check_dpo_reference(run_, cfg, roles["ref"])
+    if warning := off_policy_warning(cfg.top_k, cfg.top_p):
+        run_.note(f"ppo: {warning}")
     roles["critic"].normalize_head()  # a critic started from the RM predicts normalised scores from step 1
     policy, critic = roles["policy"], roles["critic"]
     policy.eval()  # no dropout in rollouts or updates; gradients still flow
     critic.eval()
     set_trainable(policy, cfg.train_layers)
     set_trainable(critic, cfg.train_layers)
-    n_shared = shared_trunk_layers([m for m in roles.values() if m is not None], cfg.train_layers)
-    if cfg.train_layers and not n_shared:
-        run_.note("ppo: the roles differ in their bottom layers, so each runs its full stack (slower)")
+    probe = probe_batch(prompt_ids, tokenizer.pad_token_id).to(device)
+    n_shared = shared_trunk_layers([m for m in roles.values() if m is not None], cfg.train_layers, probe, run_.note)
     rm_stats = roles["rm"].reward_stats()
     if rm_stats is None:
         run_.note(f"ppo: {cfg.reward_model} has no reward statistics; scores are used unnormalised")
@@ -174,8 +191,9 @@ def run(cfg: PPOConfig) -> dict:
         # 1. rollout
         with timed(times, "time_generate_s"):
             rollout = generate(policy, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
-                               autocast=accelerator.autocast, desc="rollout", progress=cfg.progress)
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                               batch_size=cfg.generation_batch_size, autocast=accelerator.autocast, desc="rollout",
+                               progress=cfg.progress, return_logprobs=True)
         texts = decode_responses(tokenizer, rollout.response_ids)
 
         # 2. scoring
@@ -187,9 +205,9 @@ def run(cfg: PPOConfig) -> dict:
 
         # 3. token rewards (paper eq. 4.7; the DPO term only for --reward rto)
         tok.rewards = token_rewards(
-            tok.logp, tok.logp_ref, mask, logp_dpo=tok.logp_dpo, rm_score=exp.seqs.rm_score,
-            beta_dpo=cfg.beta_dpo, beta_kl=beta_kl, beta_rm=cfg.beta_rm, dpo_clip=cfg.dpo_clip,
-            rm_clip=cfg.rm_clip, kl_estimator=cfg.kl_estimator,
+            tok.logp, tok.logp_ref, mask, logp_dpo=tok.logp_dpo, logp_ref_t1=tok.logp_ref_t1,
+            rm_score=exp.seqs.rm_score, beta_dpo=cfg.beta_dpo, beta_kl=beta_kl, beta_rm=cfg.beta_rm,
+            dpo_clip=cfg.dpo_clip, rm_clip=cfg.rm_clip,
         )
         # 4. advantages: GAE, whitened over the whole rollout
         tok.advantages, tok.returns = gae(tok.rewards, tok.values, mask, cfg.gamma, cfg.lam)
@@ -203,6 +221,10 @@ def run(cfg: PPOConfig) -> dict:
 
         # 5. update: clipped policy and value losses on minibatches
         stats: dict[str, list] = {}
+        if bad:  # the schedules follow the data position, as in the offline stages: a skipped update still counts
+            for _ in range(updates_per_iter):
+                actor_sched.step()
+                critic_sched.step()
         with timed(times, "time_update_s"):
             for _ in range(cfg.ppo_epochs if not bad else 0):
                 for mb in exp.minibatches(cfg.minibatch_size, gen):
@@ -230,6 +252,7 @@ def run(cfg: PPOConfig) -> dict:
 
         # logging (and the adaptive KL controller, which acts on the next rollout)
         kl = sequence_kl(tok.logp, tok.logp_ref, mask)
+        n_tokens = float(mask.sum())
         metrics = {
             "iteration": it, "prompts_seen": it * cfg.rollout_size,
             "gold": float(exp.seqs.gold.mean()), "rm": float(exp.seqs.rm_score.mean()),
@@ -237,14 +260,23 @@ def run(cfg: PPOConfig) -> dict:
             "reward_total": float((tok.rewards * mask).sum(-1).mean()),
             "eos_rate": float(exp.seqs.ended.float().mean()), "length": float(exp.seqs.length.float().mean()),
             "value_mean": float(masked_mean(tok.values, mask)),
+            "explained_variance": float(explained_variance(tok.values, tok.returns, mask)),
+            "entropy": float(masked_mean(tok.entropy, mask)),
+            "kl_per_token": float(masked_mean(tok.logp - tok.logp_ref, mask)),
+            # the sampler drew each token from the distribution the scoring pass computes (on-policy check)
+            "sampler_logp_gap": float(masked_mean((rollout.sampler_logp.to(mask.device) - tok.logp).abs(), mask)),
+            "tokens_per_s_generate": n_tokens / times["time_generate_s"],
+            "tokens_per_s_score": n_tokens / times["time_score_s"],
+            "tokens_per_s_update": (n_tokens * cfg.ppo_epochs / times["time_update_s"]
+                                    if not bad and times.get("time_update_s") else 0.0),
             "lr": actor_sched.get_last_lr()[0], "skipped_steps": guard.skipped,
             **{k: sum(v) / len(v) for k, v in stats.items()}, **times,
         }
         if tok.logp_dpo is not None:
-            dense = dpo_token_reward(tok.logp_dpo, tok.logp_ref, cfg.beta_dpo, cfg.dpo_clip)
+            dense = dpo_token_reward(tok.logp_dpo, tok.logp_ref_t1, cfg.beta_dpo, cfg.dpo_clip)
             metrics["reward_dpo"] = float((dense * mask).sum(-1).mean())
             if cfg.dpo_clip is not None:
-                raw = cfg.beta_dpo * (tok.logp_dpo - tok.logp_ref)
+                raw = cfg.beta_dpo * (tok.logp_dpo - tok.logp_ref_t1)
                 metrics["dpo_clipfrac"] = float(masked_mean((raw.abs() > cfg.dpo_clip).float(), mask))
         run_.log(it, metrics)
         history.append(metrics)
@@ -261,7 +293,10 @@ def run(cfg: PPOConfig) -> dict:
             save_checkpoint(run_.dir, it, models, stateful, state, generators={"minibatches": gen},
                             keep=cfg.keep_checkpoints)
 
-    save_model(policy, tokenizer, run_.dir / "policy")
+    save_model(policy, tokenizer, run_.dir / "policy", meta={
+        "stage": "ppo", "reward": cfg.reward, "dpo_model": cfg.dpo_model if cfg.reward == "rto" else None,
+        "beta_dpo": cfg.beta_dpo if cfg.reward == "rto" else None, "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl,
+        "beta_rm": cfg.beta_rm, "temperature": cfg.temperature})
     save_model(critic, tokenizer, run_.dir / "critic")
     last = history[-1]
     summary = {"iterations": cfg.iterations, "reward": cfg.reward, "final_gold": last["gold"], "final_kl": last["kl"],

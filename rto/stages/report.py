@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rto.report import write_report
-from rto.runtime import machine, read_metrics, versions
+from rto.report import pairwise_verdict, write_report
+from rto.runtime import claim_run_folder, machine, read_metrics, versions
 
 
 @dataclass
@@ -19,8 +19,13 @@ class ReportConfig:
     title: str = "rto report"
 
 
-def _summary_lines(table: list[dict], baseline: str) -> list[str]:
+def _summary_lines(table: list[dict], baseline: str, pairwise: list[dict]) -> list[str]:
+    """The headline paired comparison first (eval's `headline`, RTO vs PPO by default), then each model vs the baseline."""
     lines = []
+    if pairwise:
+        p = pairwise[0]
+        lines.append(f"{p['a']} vs {p['b']}: paired Δ gold {p['gold_delta']:+.3f} ± {p['gold_delta_ci95']:.3f}, "
+                     f"win rate {p['win_rate']:.2f} ± {p['win_rate_ci95']:.2f} ({pairwise_verdict(p)})")
     for row in table:
         if row.get("gold_delta") is None:
             continue
@@ -54,10 +59,11 @@ def run(cfg: ReportConfig) -> tuple[Path, Path]:
         setup["recipe"] = pipeline["recipe"]
     results = {
         "title": cfg.title,
-        "summary": _summary_lines(ev["table"], ev["baseline"]),
+        "summary": _summary_lines(ev["table"], ev["baseline"], ev.get("pairwise", [])),
         "setup": setup,
         "table": ev["table"],
         "baseline": ev["baseline"],
+        "pairwise": ev.get("pairwise", []),
         "curves": {label: read_metrics(folder) for label, folder in cfg.curves.items()},
         "phase_times": phase_times,
         "heatmaps": ev.get("heatmaps", []),
@@ -68,6 +74,7 @@ def run(cfg: ReportConfig) -> tuple[Path, Path]:
             "read the length and EOS columns beside the gold score.",
         ],
     }
-    md, html_path = write_report(results, cfg.out)
+    with claim_run_folder(cfg.out):  # rto's own folder (a pipeline's), never a user's; no link followed
+        md, html_path = write_report(results, cfg.out)
     print(f"report: {md} and {html_path}")
     return md, html_path

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from rto.losses import bradley_terry_loss
-from rto.models import DEFAULT_MODEL, ValueModel, frozen_layers, load_tokenizer, save_model, set_trainable
-from rto.sequences import shared_trunk, sequence_scores, token_values
+from rto.models import DEFAULT_MODEL, ValueModel, load_tokenizer, save_model, set_trainable
+from rto.rollout import encode_prompts
+from rto.sequences import probe_batch, sequence_scores, shared_trunk, token_values
 from rto.stages.common import (PairTraining, batches, fit, load_pair_split, pair_batch, param_groups, score_in_batches,
-                               start)
+                               shared_trunk_layers, start)
 
 
 @dataclass
@@ -30,11 +31,13 @@ class RMConfig(PairTraining):
 
 def run(cfg: RMConfig) -> dict:
     run_, accelerator = start(cfg, "rm")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, role="model")
     train, heldout = load_pair_split(cfg.pairs, cfg, run_, tokenizer)
-    model = ValueModel.from_pretrained(cfg.model, cfg.trust_remote_code).to(accelerator.device)
+    model = ValueModel.from_pretrained(cfg.model, cfg.trust_remote_code, role="model").to(accelerator.device)
     set_trainable(model, cfg.train_layers)
-    n_frozen = frozen_layers(model, cfg.train_layers)
+    probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
+                        tokenizer.pad_token_id)
+    n_frozen = shared_trunk_layers([model], cfg.train_layers, probe, run_.note)
 
     def scores(batch, trunk):
         s = sequence_scores(token_values(model, batch, trunk, n_frozen), batch, cfg.pooling)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rto.models import DEFAULT_MODEL, frozen_layers, load_causal_lm, load_tokenizer, save_model, set_trainable
-from rto.sequences import nll_loss, shared_trunk
-from rto.stages.common import PairTraining, fit, load_pair_split, param_groups, response_batch, score_in_batches, start
+from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, save_model, set_trainable
+from rto.rollout import encode_prompts
+from rto.sequences import nll_loss, probe_batch, shared_trunk
+from rto.stages.common import (PairTraining, fit, load_pair_split, param_groups, response_batch, score_in_batches,
+                               shared_trunk_layers, start)
 
 
 @dataclass
@@ -23,11 +25,13 @@ class SFTConfig(PairTraining):
 
 def run(cfg: SFTConfig) -> dict:
     run_, accelerator = start(cfg, "sft")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, role="model")
     train, heldout = load_pair_split(cfg.data, cfg, run_, tokenizer)
-    model = load_causal_lm(cfg.model, cfg.trust_remote_code).to(accelerator.device)
+    model = load_causal_lm(cfg.model, cfg.trust_remote_code, role="model").to(accelerator.device)
     set_trainable(model, cfg.train_layers)
-    n_frozen = frozen_layers(model, cfg.train_layers)
+    probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
+                        tokenizer.pad_token_id)
+    n_frozen = shared_trunk_layers([model], cfg.train_layers, probe, run_.note)
 
     def nll(items):
         batch = response_batch(tokenizer, [p.prompt for p in items], [(p.chosen, p.chosen_ended) for p in items],
