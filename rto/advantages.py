@@ -2,8 +2,8 @@
 
 Rewards are built in `rto.rewards` (the RTO reward, paper eq. 4.7, or classic sparse PPO);
 this module only turns a dense reward tensor [B, T] into advantages and returns. Estimators
-are small pure functions chosen by name from `ADVANTAGE_ESTIMATORS`; critic-free ones
-(REINFORCE++, GRPO, RLOO) belong here as siblings of `gae` and consume the same token rewards.
+are small pure functions chosen by name from `ADVANTAGE_ESTIMATORS`: `gae` (with a critic's values)
+and the critic-free `reinforce_plus_plus`, `grpo` and `rloo`, all on the same token rewards.
 
 Conventions: "dense" tensors are [B, T] over response tokens, right-padded, with `mask` 1 on
 response tokens (EOS included) and 0 on padding. Whatever sits outside the mask (even NaN) is
@@ -148,4 +148,97 @@ def reinforce_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tens
     return torch.stack(returns[::-1], dim=1)
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"gae": gae}
+def reinforce_plus_plus(
+    rewards: Tensor, mask: Tensor, groups: Tensor | None = None, gamma: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ (Hu 2025): return-to-go whitened over the batch, no critic.
+
+        G_t = sum_{k >= t} gamma^(k - t) r_k          (reinforce_returns)
+        A_t = (G_t - mean(G)) / sqrt(var(G) + eps)    mean and population var over every masked token of the batch
+
+    `groups` is accepted for the registry's common signature and not used. Returns (advantages, G),
+    both [B, T] and 0 outside the mask.
+    """
+    returns = reinforce_returns(rewards, mask, gamma)
+    return masked_whiten(returns, mask), returns
+
+
+def response_scores(rewards: Tensor, mask: Tensor) -> Tensor:
+    """R_i = sum_t r_{i,t} over the response tokens of response i -> [B] (undiscounted)."""
+    require_dense(rewards=rewards, mask=mask)
+    return masked_sum(rewards, mask, dim=1)
+
+
+def group_sums(x: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """For each response i: (sum of x over the responses of its group, size of its group), both [B].
+
+    `groups` [B] holds any integer ids; responses with the same id form a group (the same prompt sampled
+    several times). Every group must hold at least 2 responses.
+    """
+    if x.dim() != 1 or groups.shape != x.shape:
+        raise ValueError(f"scores and groups must both be [B], got {list(x.shape)} and {list(groups.shape)}")
+    _, member = torch.unique(groups, return_inverse=True)
+    sums = torch.zeros(int(member.max()) + 1, dtype=x.dtype, device=x.device).scatter_add(0, member, x)
+    sizes = torch.bincount(member)
+    if (sizes < 2).any():
+        raise ValueError(f"every group needs at least 2 responses, got group sizes {sizes.tolist()}")
+    return sums[member], sizes[member].to(x.dtype)
+
+
+def _broadcast(score: Tensor, mask: Tensor) -> Tensor:
+    """[B] -> [B, T]: score[i] on every response token of row i, 0 outside the mask."""
+    dense = score[:, None].expand(mask.shape)
+    return torch.where(mask.bool(), dense, torch.zeros_like(dense))
+
+
+def _require_undiscounted(name: str, gamma: float) -> None:
+    if gamma != 1.0:
+        raise ValueError(f"{name} scores each response by its undiscounted summed reward: gamma must be 1, got {gamma}")
+
+
+def grpo(
+    rewards: Tensor, mask: Tensor, groups: Tensor, gamma: float = 1.0, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """GRPO (Shao et al. 2024), outcome advantages normalised within each group of responses to one prompt:
+
+        R_i     = sum_t r_{i,t}                                  (response_scores)
+        A_i     = (R_i - mean_g(R)) / (std_g(R) + eps)           g = the group of i; std_g with n_g - 1
+        A_{i,t} = A_i on every response token of i
+
+    `groups` [B] gives each response's group id (see group_sums); every group needs 2 or more responses.
+    gamma must be 1 (it is taken only for the registry's common signature). Returns (advantages, returns)
+    with returns_{i,t} = R_i, both [B, T] and 0 outside the mask. No critic.
+    """
+    _require_undiscounted("grpo", gamma)
+    scores = response_scores(rewards, mask)
+    total, n = group_sums(scores, groups)
+    mean = total / n
+    squares, _ = group_sums((scores - mean) ** 2, groups)
+    std = torch.sqrt(squares / (n - 1))
+    return _broadcast((scores - mean) / (std + eps), mask), _broadcast(scores, mask)
+
+
+def rloo(rewards: Tensor, mask: Tensor, groups: Tensor, gamma: float = 1.0) -> tuple[Tensor, Tensor]:
+    """RLOO (Ahmadian et al. 2024), REINFORCE with the leave-one-out mean of the group as baseline:
+
+        R_i     = sum_t r_{i,t}                                  (response_scores)
+        A_i     = R_i - (sum_{j in g, j != i} R_j) / (n_g - 1)   g = the group of i, n_g its size
+        A_{i,t} = A_i on every response token of i
+
+    `groups` [B] gives each response's group id (see group_sums); every group needs 2 or more responses.
+    gamma must be 1 (it is taken only for the registry's common signature). Returns (advantages, returns)
+    with returns_{i,t} = R_i, both [B, T] and 0 outside the mask. No critic.
+    """
+    _require_undiscounted("rloo", gamma)
+    scores = response_scores(rewards, mask)
+    total, n = group_sums(scores, groups)
+    return _broadcast(scores - (total - scores) / (n - 1), mask), _broadcast(scores, mask)
+
+
+# name -> estimator. gae is called as gae(rewards, values, mask, gamma, lam); the critic-free ones as
+# f(rewards, mask, groups=..., gamma=...). All return (advantages, returns), [B, T].
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "gae": gae, "reinforce++": reinforce_plus_plus, "grpo": grpo, "rloo": rloo}
+USES_CRITIC = frozenset({"gae"})  # the others need no values: PPO then loads no critic
+NEEDS_GROUPS = frozenset({"grpo", "rloo"})  # compare the responses to one prompt: group_size >= 2
+NORMALISED = frozenset({"reinforce++", "grpo"})  # their advantages come out normalised: not whitened again

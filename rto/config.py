@@ -14,6 +14,9 @@ import math
 from dataclasses import fields
 from typing import Any, Callable
 
+from rto.advantages import ADVANTAGE_ESTIMATORS
+from rto.rewards import GRANULARITIES
+
 
 class ConfigError(ValueError):
     """A config field holds a value outside its allowed range."""
@@ -57,6 +60,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "temperature", "target_kl", "beta")},
     **{name: _non_negative() for name in ("beta_dpo", "beta_kl", "beta_rm", "weight_decay")},
     "missing_eos_penalty": ((lambda x: _number(x)), "a finite number"),
+    "alpha": _non_negative(),  # dpo: R-DPO length weight, TDPO2 sequential-KL weight
+    "simpo_gamma": ((lambda x: _number(x)), "a finite number"),  # dpo: SimPO target margin
     "eval_fraction": _within(0, 1, high_open=True),
     "warmup_ratio": _within(0, 1, high_open=True),
     "min_lr_ratio": _within(0, 1),
@@ -65,6 +70,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lam": _within(0, 1),
     "betas": ((lambda x: len(x) == 2 and all(_number(b) and 0 <= b < 1 for b in x)), "two numbers in [0, 1)"),
     "precision": _one_of("auto", "fp32", "bf16"),
+    "estimator": _one_of(*ADVANTAGE_ESTIMATORS),  # ppo: advantage estimator
+    "granularity": _one_of(*GRANULARITIES),  # ppo: where the DPO term is paid
+    "group_size": _int_at_least(1),  # ppo: responses per prompt
     "out": ((lambda x: isinstance(x, str) and x.strip() != ""), "a non-empty folder path"),
 }
 

@@ -19,7 +19,7 @@ class TokenTensors:
 
     logp: torch.Tensor  # log pi_old(y_t|s_t) at the sampling temperature
     logp_ref: torch.Tensor  # log pi_ref(y_t|s_t) at the sampling temperature (KL penalty)
-    values: torch.Tensor  # V_old(s_t) from the critic
+    values: torch.Tensor  # V_old(s_t) from the critic (zeros for an estimator without one, see ADVANTAGE_ESTIMATORS)
     logp_dpo: torch.Tensor | None = None  # log pi_dpo(y_t|s_t) at temperature 1 (RTO's dense reward)
     logp_ref_t1: torch.Tensor | None = None  # log pi_ref(y_t|s_t) at temperature 1 (the DPO term's reference)
     entropy: torch.Tensor | None = None  # entropy of the policy's sampling distribution at s_t
@@ -37,6 +37,7 @@ class SequenceTensors:
     ended: torch.Tensor  # bool: the response emitted EOS
     length: torch.Tensor  # response tokens (EOS included)
     gold: torch.Tensor | None = None  # the task's gold score (logged, never used for training)
+    group: torch.Tensor | None = None  # int: responses with the same id were sampled from the same prompt
 
 
 def _select(record, index):

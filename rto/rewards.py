@@ -84,6 +84,99 @@ def place_on_last_token(score: Tensor, mask: Tensor) -> Tensor:
     return sparse.scatter(1, last_token_index(mask).unsqueeze(1), score.unsqueeze(1))
 
 
+# ---- granularity: where the dense DPO term is paid (paper section 5 ablations) -------------------
+GRANULARITIES = ("token", "sentence", "delayed", "shaping")
+SENTENCE_END_CHARS = (".", "!", "?", "\n")
+
+
+def token_pieces(tokenizer, response_ids: list[list[int]]) -> list[list[str]]:
+    """Each response token decoded on its own (special tokens such as EOS decode to ''), one list per response."""
+    text = {t: tokenizer.decode([t], skip_special_tokens=True) for t in {t for ids in response_ids for t in ids}}
+    return [[text[t] for t in ids] for ids in response_ids]
+
+
+def sentence_ends(pieces: list[list[str]], mask: Tensor) -> Tensor:
+    """[B, T] bool: True at response token t of row b when pieces[b][t] (its decoded text, see token_pieces)
+    contains '.', '!', '?' or a newline; False elsewhere and outside the mask.
+
+    A rule on text only, so a decimal point or an abbreviation ("3.5", "e.g.") ends a sentence too. The last
+    response token always ends a sentence as well: sentence_rewards adds it, whatever its text.
+    """
+    if mask.dim() != 2 or len(pieces) != mask.shape[0] or any(len(row) > mask.shape[1] for row in pieces):
+        raise ValueError(f"pieces ({len(pieces)} rows, longest {max(map(len, pieces), default=0)}) do not fit "
+                         f"the mask {list(mask.shape)}")
+    ends = torch.zeros(mask.shape, dtype=torch.bool)
+    for b, row in enumerate(pieces):
+        for t, piece in enumerate(row):
+            ends[b, t] = any(c in piece for c in SENTENCE_END_CHARS)
+    return ends.to(mask.device) & mask.bool()
+
+
+def delayed_rewards(dense: Tensor, mask: Tensor) -> Tensor:
+    """All of a response's reward summed onto its last token (the paper's "delayed DPO reward" ablation):
+
+        r'_t = [t == H] * sum_{k=1..H} r_k
+
+    0 outside the mask.
+    """
+    require_dense(dense=dense, mask=mask)
+    return place_on_last_token(masked_sum(dense, mask, dim=1), mask)
+
+
+def sentence_rewards(dense: Tensor, mask: Tensor, ends: Tensor) -> Tensor:
+    """Semi-RTO: each sentence's summed reward placed on its last token.
+
+        r'_t = [t ends a sentence] * sum_{k = s(t)..t} r_k,    s(t) = the token after the previous sentence end
+
+    Sentence ends are the True entries of `ends` ([B, T] bool, e.g. from sentence_ends) inside the mask,
+    plus the last response token H, which always ends one. 0 outside the mask.
+    """
+    require_dense(dense=dense, mask=mask, ends=ends)
+    on = mask.bool()
+    is_end = (ends.bool() & on).scatter(1, last_token_index(mask).unsqueeze(1), True)
+    sentence = is_end.long().cumsum(1) - is_end.long()  # index of the sentence each token belongs to
+    kept = torch.where(on, dense, torch.zeros_like(dense))
+    sums = torch.zeros_like(kept).scatter_add(1, sentence, kept)  # row b, column s: the sum of sentence s
+    return torch.where(is_end, sums.gather(1, sentence), torch.zeros_like(kept))
+
+
+def shaping_rewards(dense: Tensor, mask: Tensor) -> Tensor:
+    """RS-PPO: the dense reward on every token, and its sum taken off again at the last token:
+
+        r'_t = r_t - [t == H] * sum_{k=1..H} r_k
+
+    so every response receives 0 in total and its return is the rest of its reward (the RM score minus the
+    KL). This is potential-based shaping with potential Phi(s_t) = sum_{k<t} r_k and Phi = 0 after the last
+    token: r_t = Phi(s_{t+1}) - Phi(s_t). 0 outside the mask.
+    """
+    require_dense(dense=dense, mask=mask)
+    kept = torch.where(mask.bool(), dense, torch.zeros_like(dense))
+    return kept - delayed_rewards(dense, mask)
+
+
+def place_dpo_reward(dense: Tensor, mask: Tensor, granularity: str = "token", ends: Tensor | None = None) -> Tensor:
+    """The dense DPO term [B, T] paid at the chosen granularity (GRANULARITIES):
+
+        token     RTO: on every token, as it is
+        sentence  Semi-RTO: each sentence's sum on its last token (sentence_rewards; needs `ends`)
+        delayed   the whole sum on the last token (delayed_rewards)
+        shaping   RS-PPO: on every token, minus its sum at the last token (shaping_rewards)
+
+    token, sentence and delayed keep each response's total; shaping makes it 0.
+    """
+    if granularity == "token":
+        return dense
+    if granularity == "sentence":
+        if ends is None:
+            raise ValueError("granularity 'sentence' needs the sentence ends (see rto.rewards.sentence_ends)")
+        return sentence_rewards(dense, mask, ends)
+    if granularity == "delayed":
+        return delayed_rewards(dense, mask)
+    if granularity == "shaping":
+        return shaping_rewards(dense, mask)
+    raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+
+
 def _require_finite(**betas: float) -> None:
     for name, beta in betas.items():
         if not math.isfinite(beta):
@@ -104,12 +197,20 @@ def token_rewards(
     dpo_clip: float | None = 0.05,
     rm_clip: float | None = 10.0,
     kl_estimator: str = "k1",
+    granularity: str = "token",
+    sentence_ends: Tensor | None = None,
+    per_term: bool = False,
 ) -> Tensor:
     """The RTO reward, paper eq. 4.7, per response token t = 1..H (H = last masked token):
 
         r_t = clip(beta_dpo * (log pi_dpo(y_t) - log pi_ref(y_t)), +-dpo_clip)  # dense: DPO token reward
             - beta_kl * KL_t(log pi(y_t), log pi_ref(y_t))                     # dense: KL penalty (k1)
             + [t == H] * beta_rm * clip(rm_score, +-rm_clip)                   # sparse: RM score
+
+    with the DPO term paid at `granularity` (place_dpo_reward): "token" is eq. 4.7 as written (RTO);
+    "sentence" (Semi-RTO, needs `sentence_ends` [B, T] bool), "delayed" and "shaping" (RS-PPO) move it.
+    per_term=True returns the three terms stacked, [3, B, T] in the order (DPO as placed, -beta_kl * KL,
+    RM): r = dpo + kl + rm. Default: r itself, [B, T].
 
     pi is the policy being trained and pi_ref the SFT model. pi_ref is both the KL reference and
     the model pi_dpo was trained against with DPO (there is no separate "DPO reference").
@@ -131,7 +232,7 @@ def token_rewards(
       None means no clip. A beta of 0 switches its term off; it never means "unscaled".
     - Everything outside the mask is 0 (whatever the inputs hold there).
 
-    Returns dense rewards [B, T].
+    Returns dense rewards [B, T] (or [3, B, T] with per_term).
     """
     require_dense(logp=logp, logp_ref=logp_ref, mask=mask)
     if logp_dpo is not None:
@@ -145,12 +246,22 @@ def token_rewards(
     if logp_ref_t1 is not None:
         require_same_shape(logp=logp, logp_ref_t1=logp_ref_t1)
     ref_t1 = logp_ref if logp_ref_t1 is None else logp_ref_t1
-    dense_dpo = zeros if logp_dpo is None else dpo_token_reward(logp_dpo, ref_t1, beta_dpo, dpo_clip)
-    kl = kl_k1(logp, logp_ref)
-    rm = zeros if rm_score is None else place_on_last_token(clip_symmetric(rm_score, rm_clip), mask)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+    on = mask.bool()
 
-    rewards = dense_dpo - beta_kl * kl + beta_rm * rm.to(logp.dtype)  # eq. 4.7
-    return torch.where(mask.bool(), rewards, zeros)
+    dpo = zeros  # the dense DPO token reward, paid at `granularity`
+    if logp_dpo is not None:
+        dense_dpo = torch.where(on, dpo_token_reward(logp_dpo, ref_t1, beta_dpo, dpo_clip), zeros)
+        dpo = place_dpo_reward(dense_dpo, mask, granularity, sentence_ends)
+    kl = -beta_kl * kl_k1(logp, logp_ref)  # the KL penalty
+    rm = zeros  # the reward-model score on the last token
+    if rm_score is not None:
+        rm = beta_rm * place_on_last_token(clip_symmetric(rm_score, rm_clip), mask).to(logp.dtype)
+    dpo, kl, rm = (torch.where(on, term, zeros) for term in (dpo, kl, rm))
+
+    rewards = dpo + kl + rm  # eq. 4.7
+    return torch.stack([dpo, kl, rm]) if per_term else rewards
 
 
 def sequence_kl(logp: Tensor, logp_ref: Tensor, mask: Tensor) -> Tensor:

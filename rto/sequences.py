@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from rto.models import ValueModel, role_hidden, trunk_hidden
+from rto.models import ValueModel
+from rto.trunk import role_hidden, trunk_hidden
 
 
 @dataclass
@@ -64,7 +65,7 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
 
 
 def probe_batch(prompt_ids: list[list[int]], pad_id: int, response_tokens: int = 32) -> SeqBatch:
-    """A small batch to compare two ways of running a model (rto.models.checked_trunk_layers): the first two
+    """A small batch to compare two ways of running a model (rto.trunk.checked_trunk_layers): the first two
     prompts, each followed by a response of `response_tokens` tokens made of the prompt's own tokens repeated
     (any tokens serve to compare two forward paths; prompts of different lengths exercise the left padding)."""
     prompts = [list(p) or [pad_id] for p in prompt_ids[:2]]

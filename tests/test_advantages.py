@@ -9,12 +9,20 @@ from hypothesis import strategies as st
 
 from rto.advantages import (
     ADVANTAGE_ESTIMATORS,
+    NEEDS_GROUPS,
+    NORMALISED,
+    USES_CRITIC,
     gae,
+    group_sums,
+    grpo,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
+    reinforce_plus_plus,
     reinforce_returns,
+    response_scores,
+    rloo,
 )
 
 NAN = float("nan")
@@ -149,6 +157,84 @@ def test_reinforce_returns():
     close(reinforce_returns(rewards, torch.tensor([[1, 1, 1, 0]]), gamma=0.5), [[2.75, 3.5, 3.0, 0.0]])
 
 
+# ---- critic-free estimators ------------------------------------------------------------------------
+def test_reinforce_plus_plus_whitens_the_return_to_go():
+    # gamma = 1: row 0 rewards [1, 0, 2] -> G = [3, 2, 2]; row 1 [0, 4] (+ padding) -> G = [4, 4]
+    # G over the batch: 3, 2, 2, 4, 4: mean 3, deviations 0, -1, -1, 1, 1, population var 4 / 5 = 0.8
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.0, 4.0, NAN]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = reinforce_plus_plus(rewards, mask)
+    s = math.sqrt(0.8)
+    close(returns, [[3.0, 2.0, 2.0], [4.0, 4.0, 0.0]])
+    close(advantages, [[0.0, -1 / s, -1 / s], [1 / s, 1 / s, 0.0]])
+    # discounted, gamma = 0.5: row 0 G2 = 2, G1 = 0 + 0.5 * 2 = 1, G0 = 1 + 0.5 * 1 = 1.5 ; row 1 [0 + 0.5 * 4, 4]
+    _, returns = reinforce_plus_plus(rewards, mask, gamma=0.5)
+    close(returns, [[1.5, 1.0, 2.0], [2.0, 4.0, 0.0]])
+
+
+# Five responses in two groups with ids 5 and 9 (interleaved); scores R = summed token rewards:
+#   row 0 (group 5): 0.5 + 0.5 = 1   row 1 (group 9): 0        row 2 (group 5): 1 + 1 + 1 = 3
+#   row 3 (group 9): 4               row 4 (group 9): -1 + 3 = 2
+# group 5: R = 1, 3: mean 2, sample std sqrt((1 + 1) / 1) = sqrt(2)
+# group 9: R = 0, 4, 2: mean 2, sample std sqrt((4 + 4 + 0) / 2) = 2
+E_REWARDS = torch.tensor([[0.5, 0.5, NAN], [0.0, 7.0, 7.0], [1.0, 1.0, 1.0], [4.0, NAN, NAN], [-1.0, 3.0, 0.0]])
+E_MASK = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+E_GROUPS = torch.tensor([5, 9, 5, 9, 9])
+E_SCORES = [1.0, 0.0, 3.0, 4.0, 2.0]
+
+
+def on_mask(per_response: list[float]) -> list[list[float]]:
+    """Each response's number on its response tokens, 0 on padding."""
+    return [[a if m else 0.0 for m in row] for a, row in zip(per_response, E_MASK.tolist())]
+
+
+def test_response_scores_and_group_sums():
+    close(response_scores(E_REWARDS, E_MASK), E_SCORES)
+    sums, sizes = group_sums(torch.tensor(E_SCORES), E_GROUPS)
+    close(sums, [4.0, 6.0, 4.0, 6.0, 6.0])  # group 5: 1 + 3 ; group 9: 0 + 4 + 2
+    close(sizes, [2.0, 3.0, 2.0, 3.0, 3.0])
+
+
+def test_grpo_normalises_within_each_group():
+    # (R - mean) / std: group 5: (1 - 2) / sqrt(2), (3 - 2) / sqrt(2) ; group 9: (0 - 2) / 2, (4 - 2) / 2, 0
+    r = 1 / math.sqrt(2)
+    advantages, returns = grpo(E_REWARDS, E_MASK, E_GROUPS, eps=0.0)
+    close(advantages, on_mask([-r, -1.0, r, 1.0, 0.0]))
+    close(returns, on_mask(E_SCORES))
+    # eps enters as std + eps: group 9 with eps = 2 divides by 4
+    advantages, _ = grpo(E_REWARDS, E_MASK, E_GROUPS, eps=2.0)
+    close(advantages[[1, 3, 4], 0], [-0.5, 0.5, 0.0])
+
+
+def test_rloo_subtracts_the_mean_of_the_others():
+    # group 5: 1 - 3 = -2, 3 - 1 = 2 ; group 9: 0 - (4 + 2) / 2 = -3, 4 - (0 + 2) / 2 = 3, 2 - (0 + 4) / 2 = 0
+    advantages, returns = rloo(E_REWARDS, E_MASK, E_GROUPS)
+    close(advantages, on_mask([-2.0, -3.0, 2.0, 3.0, 0.0]))
+    close(returns, on_mask(E_SCORES))
+
+
+@pytest.mark.parametrize("estimator", [grpo, rloo])
+def test_group_estimators_fail_loudly(estimator):
+    with pytest.raises(ValueError, match=r"at least 2 responses, got group sizes \[2, 1\]"):
+        estimator(E_REWARDS[:3], E_MASK[:3], E_GROUPS[:3])  # group 9 holds one response
+    with pytest.raises(ValueError, match="gamma must be 1"):
+        estimator(E_REWARDS, E_MASK, E_GROUPS, gamma=0.9)
+    with pytest.raises(ValueError, match="must both be"):
+        estimator(E_REWARDS, E_MASK, E_GROUPS[:4])
+
+
+def test_registry_names_every_estimator():
+    assert list(ADVANTAGE_ESTIMATORS) == ["gae", "reinforce++", "grpo", "rloo"]
+    assert ADVANTAGE_ESTIMATORS["reinforce++"] is reinforce_plus_plus
+    assert ADVANTAGE_ESTIMATORS["grpo"] is grpo and ADVANTAGE_ESTIMATORS["rloo"] is rloo
+    assert USES_CRITIC == {"gae"} and NEEDS_GROUPS == {"grpo", "rloo"} and NORMALISED == {"reinforce++", "grpo"}
+    # the critic-free ones share one call: f(rewards, mask, groups=..., gamma=...)
+    for name in ("reinforce++", "grpo", "rloo"):
+        advantages, returns = ADVANTAGE_ESTIMATORS[name](E_REWARDS, E_MASK, groups=E_GROUPS, gamma=1.0)
+        assert advantages.shape == returns.shape == E_MASK.shape
+        assert (advantages[E_MASK == 0] == 0).all() and (returns[E_MASK == 0] == 0).all()
+
+
 # ---- properties ------------------------------------------------------------------------------
 @st.composite
 def rollouts(draw):
@@ -217,3 +303,25 @@ def test_whitening_ignores_padding_and_standardises(rollout, shift_mean):
             torch.testing.assert_close(
                 masked_var(clean, mask, unbiased=False), torch.tensor(1.0, dtype=x.dtype), atol=1e-5, rtol=0
             )
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts(), st.integers(2, 4))
+def test_group_advantages_balance_within_each_group(rollout, group_size):
+    # RLOO: sum_i A_i = S - sum_i (S - R_i) / (n - 1) = 0 per group; GRPO: group mean 0, sample std ~1
+    rewards, _, mask, garbage = rollout
+    n = rewards.shape[0] * group_size  # every response of the rollout repeated, with its own noise
+    rewards = rewards.repeat(group_size, 1) + torch.randn(n, rewards.shape[1], dtype=rewards.dtype,
+                                                          generator=torch.Generator().manual_seed(n))
+    mask = mask.repeat(group_size, 1)
+    groups = torch.arange(n) % (n // group_size)
+    scores = response_scores(rewards, mask)
+    for estimator in (rloo, grpo):
+        advantages, _ = estimator(with_garbage(rewards, mask, garbage.repeat(group_size, 1)), mask, groups)
+        per_response = advantages[:, 0]  # the same on every token of a response
+        assert torch.equal(advantages, torch.where(mask, per_response[:, None].expand_as(advantages), 0.0))
+        for g in groups.unique():
+            a = per_response[groups == g]
+            torch.testing.assert_close(a.sum(), torch.tensor(0.0, dtype=a.dtype), atol=1e-9, rtol=0)
+            if estimator is grpo and scores[groups == g].std() > 0.1:  # std / (std + 1e-6) is then ~1
+                torch.testing.assert_close(a.std(), torch.tensor(1.0, dtype=a.dtype), atol=1e-4, rtol=0)

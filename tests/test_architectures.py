@@ -8,8 +8,9 @@ import pytest
 import torch
 import transformers as tf
 
-from rto import models as rto_models
-from rto.models import ValueModel, checked_trunk_layers, set_trainable
+from rto import trunk as rto_trunk
+from rto.models import ValueModel, set_trainable
+from rto.trunk import checked_trunk_layers
 from rto.sequences import collate, probe_batch, shared_trunk, token_logprobs, token_values
 
 VOCAB, LAYERS, WINDOW = 97, 4, 4
@@ -125,7 +126,7 @@ def test_views_leave_the_models_config_as_it_was():
 @pytest.mark.parametrize("arch", MIXED_LAYER_KINDS)
 def test_a_view_that_disagrees_turns_sharing_off_with_a_note(arch, monkeypatch):
     # a view that keeps the whole model's per-layer settings (as views did before they were cut to their layers)
-    monkeypatch.setattr(rto_models, "_layers_config", lambda config, start, stop: config)
+    monkeypatch.setattr(rto_trunk, "_layers_config", lambda config, start, stop: config)
     model, notes = make(arch), []
     assert checked_trunk_layers([model, critic_of(model)], 3, probe(), notes.append) == 0  # 1 frozen
     assert len(notes) == 1 and "\n" not in notes[0]
@@ -134,9 +135,9 @@ def test_a_view_that_disagrees_turns_sharing_off_with_a_note(arch, monkeypatch):
 
 def test_a_small_difference_is_within_tolerance_and_a_large_one_is_not(monkeypatch):
     model, notes = make("llama"), []
-    monkeypatch.setattr(rto_models, "trunk_mismatch", lambda *a: 0.5 * rto_models.TRUNK_TOLERANCE)
+    monkeypatch.setattr(rto_trunk, "trunk_mismatch", lambda *a: 0.5 * rto_trunk.TRUNK_TOLERANCE)
     assert checked_trunk_layers([model], 2, probe(), notes.append) == 2
-    monkeypatch.setattr(rto_models, "trunk_mismatch", lambda *a: 2 * rto_models.TRUNK_TOLERANCE)
+    monkeypatch.setattr(rto_trunk, "trunk_mismatch", lambda *a: 2 * rto_trunk.TRUNK_TOLERANCE)
     assert checked_trunk_layers([model], 2, probe(), notes.append) == 0
     assert len(notes) == 1 and "LlamaForCausalLM" in notes[0]
 

@@ -9,10 +9,17 @@ from hypothesis import strategies as st
 
 from rto.losses import (
     PREFERENCE_LOSSES,
+    PairScores,
     bradley_terry_loss,
     dpo_loss,
+    ipo_loss,
     policy_loss,
+    rdpo_loss,
     sequence_logprob,
+    sequential_kl,
+    simpo_loss,
+    tdpo1_loss,
+    tdpo2_loss,
     value_loss,
 )
 
@@ -172,9 +179,11 @@ def test_dpo_loss_rejects_dense_or_mismatched_inputs():
 def test_preference_registry_dpo_entry_computes_dpo():
     # looked up by name, "dpo" is the sigmoid DPO loss: pair 1 of test_dpo_loss_values_and_stats alone,
     # beta 0.5: chosen 0.5 * (-5 - -5) = 0 ; rejected 0.5 * (-4 - -6) = 1 ; -log sigmoid(-1) = 1.3132617
-    loss, stats = PREFERENCE_LOSSES["dpo"](
-        torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([-6.0]), beta=0.5
-    )
+    entry = PREFERENCE_LOSSES["dpo"]
+    scores = PairScores(policy_chosen_logp=torch.tensor([-5.0]), policy_rejected_logp=torch.tensor([-4.0]),
+                        chosen_length=torch.tensor([3.0]), rejected_length=torch.tensor([2.0]),
+                        ref_chosen_logp=torch.tensor([-5.0]), ref_rejected_logp=torch.tensor([-6.0]))
+    loss, stats = entry(scores, **entry.hyperparameters(beta=0.5))
     close(loss, 1.3132617)
     close(stats["reward_margin"], -1.0)
     close(stats["accuracy"], 0.0)
@@ -192,6 +201,252 @@ def test_sequence_logprob():
     # row 0: -1 + -2 (padding garbage ignored) = -3 ; row 1: 3 * -0.5 = -1.5
     token_logp = torch.tensor([[-1.0, -2.0, NAN], [-0.5, -0.5, -0.5]])
     close(sequence_logprob(token_logp, torch.tensor([[1, 1, 0], [1, 1, 1]])), [-3.0, -1.5])
+
+
+# ---- the DPO family: IPO, R-DPO, SimPO, TDPO1/2 and the sequential KL ------------------------------
+# Two pairs shared by the tests below (as in test_dpo_loss_values_and_stats):
+#   log-ratios to the reference: chosen -10 - -12 = 2 and -5 - -5 = 0 ; rejected -11 - -10 = -1 and -4 - -6 = 2
+#   so h = (chosen - rejected) = 3 and -2
+PC, PR = torch.tensor([-10.0, -5.0]), torch.tensor([-11.0, -4.0])
+RC, RR = torch.tensor([-12.0, -5.0]), torch.tensor([-10.0, -6.0])
+
+
+def test_ipo_loss_values_and_stats():
+    # beta 0.5: target 1 / (2 * 0.5) = 1 ; (3 - 1)^2 = 4 ; (-2 - 1)^2 = 9 ; loss (4 + 9) / 2 = 6.5
+    loss, stats = ipo_loss(PC, PR, RC, RR, beta=0.5)
+    close(loss, 6.5)
+    # rewards beta * log-ratio, as dpo_loss: chosen (1.0 + 0.0) / 2, rejected (-0.5 + 1.0) / 2
+    close(stats["reward_chosen"], 0.5)
+    close(stats["reward_rejected"], 0.25)
+    close(stats["reward_margin"], 0.25)
+    close(stats["accuracy"], 0.5)
+
+
+def test_ipo_loss_gradient_and_minimum():
+    # d/d chosen of mean((h - 1)^2) = 2 * (h - 1) / 2 = h - 1 = 2 and -3 ; the rejected side gets the opposite
+    pc, pr = PC.clone().requires_grad_(True), PR.clone().requires_grad_(True)
+    ipo_loss(pc, pr, RC, RR, beta=0.5)[0].backward()
+    close(pc.grad, [2.0, -3.0])
+    close(pr.grad, [-2.0, 3.0])
+    # h is summed over the response, not divided by its length: h = 2 = 1 / (2 * 0.25) is the minimum, loss 0
+    close(ipo_loss(torch.tensor([-8.0]), torch.tensor([-10.0]), torch.tensor([-9.0]), torch.tensor([-9.0]),
+                   beta=0.25)[0], 0.0)
+    # at the reference (h = 0), beta 0.1: (0 - 5)^2 = 25
+    zero = torch.zeros(1)
+    close(ipo_loss(zero, zero, zero, zero, beta=0.1)[0], 25.0)
+
+
+def test_rdpo_loss_values_and_stats():
+    # beta 0.5, alpha 0.1 ; lengths chosen 10, 3 ; rejected 4, 8
+    # pair 0: r_chosen 0.5 * 2 - 0.1 * 10 = 0.0 ; r_rejected 0.5 * -1 - 0.1 * 4 = -0.9 ; logit 0.9
+    #         (= DPO logit 1.5 - 0.1 * (10 - 4)) ; -log sigmoid(0.9) = log(1 + e^-0.9) = 0.3411539
+    # pair 1: r_chosen 0 - 0.3 = -0.3 ; r_rejected 0.5 * 2 - 0.8 = 0.2 ; logit -0.5
+    #         (= -1.0 - 0.1 * (3 - 8)) ; -log sigmoid(-0.5) = log(1 + e^0.5) = 0.9740770
+    # loss (0.3411539 + 0.9740770) / 2 = 0.6576154
+    loss, stats = rdpo_loss(PC, PR, RC, RR, torch.tensor([10.0, 3.0]), torch.tensor([4.0, 8.0]), beta=0.5, alpha=0.1)
+    close(loss, 0.6576154)
+    close(stats["reward_chosen"], -0.15)  # (0.0 - 0.3) / 2
+    close(stats["reward_rejected"], -0.35)  # (-0.9 + 0.2) / 2
+    close(stats["reward_margin"], 0.2)  # (0.9 - 0.5) / 2
+    close(stats["accuracy"], 0.5)
+
+
+def test_rdpo_loss_without_length_term_is_dpo_and_penalises_length():
+    lengths_w, lengths_l = torch.tensor([10.0, 3.0]), torch.tensor([4.0, 8.0])
+    close(rdpo_loss(PC, PR, RC, RR, lengths_w, lengths_l, beta=0.5, alpha=0.0)[0],
+          dpo_loss(PC, PR, RC, RR, beta=0.5)[0])
+    # a longer chosen response (all else equal) lowers the logit, so raises the loss
+    shorter = rdpo_loss(PC, PR, RC, RR, lengths_w, lengths_l)[0]
+    longer = rdpo_loss(PC, PR, RC, RR, lengths_w + 50, lengths_l)[0]
+    assert longer > shorter
+    with pytest.raises(ValueError, match="alpha"):
+        rdpo_loss(PC, PR, RC, RR, lengths_w, lengths_l, alpha=-0.1)
+
+
+def test_simpo_loss_values_and_stats():
+    # beta 2, gamma 0.5, no reference:
+    # pair 0: r_chosen 2 / 5 * -10 = -4 ; r_rejected 2 / 4 * -12 = -6 ; logit -4 + 6 - 0.5 = 1.5
+    #         -log sigmoid(1.5) = log(1 + e^-1.5) = 0.2014133
+    # pair 1: r_chosen 2 / 3 * -6 = -4 ; r_rejected 2 / 2 * -3 = -3 ; logit -1 - 0.5 = -1.5
+    #         -log sigmoid(-1.5) = log(1 + e^1.5) = 1.7014133
+    # loss (0.2014133 + 1.7014133) / 2 = 0.9514133
+    loss, stats = simpo_loss(torch.tensor([-10.0, -6.0]), torch.tensor([-12.0, -3.0]), torch.tensor([5.0, 3.0]),
+                             torch.tensor([4.0, 2.0]), beta=2.0, gamma=0.5)
+    close(loss, 0.9514133)
+    close(stats["reward_chosen"], -4.0)  # (-4 - 4) / 2
+    close(stats["reward_rejected"], -4.5)  # (-6 - 3) / 2
+    close(stats["reward_margin"], 0.5)  # (2 - 1) / 2: gamma is not part of it
+    close(stats["accuracy"], 0.5)
+
+
+def test_simpo_loss_gradient_and_checks():
+    # beta 1, gamma 0: r_chosen 1 / 2 * -2 = -1 = r_rejected 1 / 3 * -3 ; logit 0 ; loss log 2
+    # d/d log pi(y_w) = -(beta / |y_w|) * sigmoid(0) = -0.25 ; d/d log pi(y_l) = +(1 / 3) * 0.5 = 1/6
+    pc, pr = torch.tensor([-2.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True)
+    loss, _ = simpo_loss(pc, pr, torch.tensor([2.0]), torch.tensor([3.0]), beta=1.0, gamma=0.0)
+    close(loss, LN(2))
+    loss.backward()
+    close(pc.grad, [-0.25])
+    close(pr.grad, [1 / 6])
+    one = torch.ones(1)
+    with pytest.raises(ValueError, match="gamma"):
+        simpo_loss(one, one, one, one, gamma=NAN)
+    with pytest.raises(ValueError, match="at least one token"):
+        simpo_loss(one, one, torch.zeros(1), one)
+
+
+KL_W, KL_L = torch.tensor([0.2, 0.5]), torch.tensor([1.2, 0.5])
+
+
+def test_tdpo1_loss_values_and_stats():
+    # beta 0.5 ; sequential KL chosen 0.2, 0.5 ; rejected 1.2, 0.5 ; delta/beta = rejected - chosen = 1.0, 0.0
+    # pair 0: 0.5 * (3 - 1.0) = 1.0 ; pair 1: 0.5 * (-2 - 0.0) = -1.0
+    # loss (log(1 + e^-1) + log(1 + e)) / 2 = (0.3132617 + 1.3132617) / 2 = 0.8132617
+    loss, stats = tdpo1_loss(PC, PR, RC, RR, KL_W, KL_L, beta=0.5)
+    close(loss, 0.8132617)
+    # rewards beta * (log-ratio + KL): chosen 0.5 * (2 + 0.2) = 1.1 and 0.5 * (0 + 0.5) = 0.25 ;
+    # rejected 0.5 * (-1 + 1.2) = 0.1 and 0.5 * (2 + 0.5) = 1.25 ; their differences are the logits 1.0, -1.0
+    close(stats["reward_chosen"], 0.675)
+    close(stats["reward_rejected"], 0.675)
+    close(stats["reward_margin"], 0.0)
+    close(stats["accuracy"], 0.5)
+    close(stats["seq_kl_chosen"], 0.35)
+    close(stats["seq_kl_rejected"], 0.85)
+    # no sequential KL at all: TDPO1 is DPO
+    zero = torch.zeros(2)
+    close(tdpo1_loss(PC, PR, RC, RR, zero, zero, beta=0.5)[0], dpo_loss(PC, PR, RC, RR, beta=0.5)[0])
+
+
+def test_tdpo2_loss_values_and_stats():
+    # beta 0.5, alpha 0.5: pair 0: 0.5 * (3 - 0.5 * 1.0) = 1.25 ; pair 1: 0.5 * (-2 - 0) = -1.0
+    # loss (log(1 + e^-1.25) + log(1 + e)) / 2 = (0.2519291 + 1.3132617) / 2 = 0.7825954
+    loss, stats = tdpo2_loss(PC, PR, RC, RR, KL_W, KL_L, beta=0.5, alpha=0.5)
+    close(loss, 0.7825954)
+    # rewards beta * (log-ratio + alpha * KL): chosen 0.5 * (2 + 0.1) = 1.05 and 0.5 * (0 + 0.25) = 0.125
+    # rejected 0.5 * (-1 + 0.6) = -0.2 and 0.5 * (2 + 0.25) = 1.125
+    close(stats["reward_chosen"], 0.5875)
+    close(stats["reward_rejected"], 0.4625)
+    close(stats["reward_margin"], 0.125)  # (1.25 - 1.0) / 2
+    close(stats["accuracy"], 0.5)
+
+
+def test_tdpo_gradients_and_stop_gradient_on_the_chosen_kl():
+    # at logit 0 (B = 1, beta 0.1): d/dz of -log sigmoid(z) = -sigmoid(0) = -0.5
+    # TDPO1: z = beta * (... - (KL_l - KL_w)): dKL_w -> -0.5 * 0.1 = -0.05 ; dKL_l -> +0.05 ; d log pi(y_w) -> -0.05
+    def grads(fn, **kw):
+        pc, kw_, kl_ = (torch.zeros(1, requires_grad=True) for _ in range(3))
+        zero = torch.zeros(1)
+        fn(pc, zero, zero, zero, kw_, kl_, beta=0.1, **kw)[0].backward()
+        return pc.grad, kw_.grad, kl_.grad
+
+    pc, kl_w, kl_l = grads(tdpo1_loss)
+    close(pc, [-0.05])
+    close(kl_w, [-0.05])
+    close(kl_l, [0.05])
+    # TDPO2, alpha 0.2: no gradient through the chosen KL ; rejected KL -> 0.5 * 0.1 * 0.2 = 0.01
+    pc, kl_w, kl_l = grads(tdpo2_loss, alpha=0.2)
+    close(pc, [-0.05])
+    assert kl_w is None or torch.all(kl_w == 0)
+    close(kl_l, [0.01])
+
+
+def test_sequential_kl_by_hand_on_a_three_token_vocabulary():
+    # row 0, position 0: pi_ref (1/2, 1/4, 1/4), pi (1/4, 1/2, 1/4):
+    #   1/2 * ln 2 + 1/4 * ln(1/2) + 1/4 * 0 = 1/4 * ln 2 = 0.1732868
+    # row 0, position 1: pi_ref uniform, pi (1/2, 1/4, 1/4) given by logits shifted by +3 (softmax ignores it):
+    #   1/3 * (ln(2/3) + 2 * ln(4/3)) = 1/3 * ln(32/27) = 0.0566330
+    # row 0, position 2: off the mask (NaN logits) ; row 0 total 0.2299198
+    # row 1, position 0: same logits for both: 0 ; position 1: pi_ref (1, 0, 0) (logits 0, -inf, -inf), pi (1/2, 1/4,
+    #   1/4): 1 * (ln 1 - ln 1/2) = ln 2 = 0.6931472, the zero-probability entries contribute 0 ; position 2 off
+    q = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    inf = float("inf")
+    logits_ref = torch.stack([
+        torch.stack([q, torch.zeros(3), torch.full((3,), NAN)]),
+        torch.stack([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, -inf, -inf]), torch.tensor([5.0, 0.0, 1.0])]),
+    ])
+    logits_pol = torch.stack([
+        torch.stack([q[[1, 0, 2]], q + 3.0, torch.full((3,), NAN)]),
+        torch.stack([torch.tensor([1.0, 2.0, 3.0]), q, torch.tensor([0.0, 9.0, 1.0])]),
+    ]).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    kl = sequential_kl(logits_ref, logits_pol, mask)
+    close(kl, [0.25 * LN(2) + LN(32 / 27) / 3, LN(2)])
+    # d KL(p_ref || softmax(l)) / d l_v = softmax(l)_v - p_ref(v): row 0, position 1: (1/2 - 1/3, 1/4 - 1/3, 1/4 - 1/3)
+    kl.sum().backward()
+    close(logits_pol.grad[0, 1], [1 / 6, -1 / 12, -1 / 12])
+    close(logits_pol.grad[1, 1], [-0.5, 0.25, 0.25])  # (1/2 - 1, 1/4 - 0, 1/4 - 0)
+    assert torch.isfinite(logits_pol.grad).all() and torch.all(logits_pol.grad[:, 2] == 0)  # nothing off the mask
+
+
+def test_sequential_kl_matches_categorical_kl_position_by_position():
+    # an independent formulation: torch.distributions' KL(Categorical(pi_ref) || Categorical(pi)),
+    # one position at a time
+    gen = torch.Generator().manual_seed(0)
+    logits_ref = 3 * torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    logits_pol = 3 * torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    lengths = [5, 2, 1]
+    mask = (torch.arange(5) < torch.tensor(lengths).unsqueeze(1)).to(torch.float64)
+    expected = torch.zeros(3, dtype=torch.float64)
+    for b in range(3):
+        for t in range(lengths[b]):
+            expected[b] += torch.distributions.kl_divergence(
+                torch.distributions.Categorical(logits=logits_ref[b, t]),
+                torch.distributions.Categorical(logits=logits_pol[b, t]))
+    torch.testing.assert_close(sequential_kl(logits_ref, logits_pol, mask), expected)
+    with pytest.raises(ValueError, match="sequential_kl"):
+        sequential_kl(logits_ref, logits_pol[:, :, :6], mask)
+
+
+def _scores_at_reference(requires_grad: bool = True) -> PairScores:
+    """Two pairs with the policy equal to the reference, no sequential KL, lengths 3/5 and 4/2."""
+    logp = lambda *v: torch.tensor(v, requires_grad=requires_grad)  # noqa: E731
+    return PairScores(policy_chosen_logp=logp(-6.0, -4.0), policy_rejected_logp=logp(-10.0, -2.0),
+                      chosen_length=torch.tensor([3.0, 4.0]), rejected_length=torch.tensor([5.0, 2.0]),
+                      ref_chosen_logp=torch.tensor([-6.0, -4.0]), ref_rejected_logp=torch.tensor([-10.0, -2.0]),
+                      chosen_seq_kl=torch.zeros(2), rejected_seq_kl=torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+def test_every_preference_loss_favours_the_chosen_response(name):
+    # where the policy is still the reference, raising log pi(y_w) lowers the loss and raising log pi(y_l) raises it
+    entry = PREFERENCE_LOSSES[name]
+    scores = _scores_at_reference()
+    loss, stats = entry(scores, **entry.hyperparameters())
+    assert torch.isfinite(loss) and {"accuracy", "reward_margin", "reward_chosen", "reward_rejected"} <= set(stats)
+    loss.backward()
+    assert torch.all(scores.policy_chosen_logp.grad < 0) and torch.all(scores.policy_rejected_logp.grad > 0)
+    # and a small step along that direction does lower it
+    with torch.no_grad():
+        moved = _scores_at_reference(False)
+        moved.policy_chosen_logp += 0.1
+        moved.policy_rejected_logp -= 0.1
+        assert entry(moved, **entry.hyperparameters())[0] < loss
+
+
+def test_preference_registry_defaults_inputs_and_refusals():
+    defaults = {name: entry.hyperparameters() for name, entry in PREFERENCE_LOSSES.items()}
+    assert defaults == {"dpo": {"beta": 0.1}, "ipo": {"beta": 0.1}, "rdpo": {"beta": 0.1, "alpha": 0.001},
+                        "simpo": {"beta": 2.5, "gamma": 0.5}, "tdpo1": {"beta": 0.1},
+                        "tdpo2": {"beta": 0.1, "alpha": 0.2}}
+    assert PREFERENCE_LOSSES["simpo"].hyperparameters(beta=2.0, alpha=None) == {"beta": 2.0, "gamma": 0.5}
+    assert [n for n, e in PREFERENCE_LOSSES.items() if not e.needs_reference] == ["simpo"]
+    assert [n for n, e in PREFERENCE_LOSSES.items() if e.needs_seq_kl] == ["tdpo1", "tdpo2"]
+    with pytest.raises(ValueError, match="the dpo loss takes no alpha"):
+        PREFERENCE_LOSSES["dpo"].hyperparameters(alpha=0.5)
+    # SimPO reads no reference; DPO refuses a record without one
+    scores = _scores_at_reference()
+    scores.ref_chosen_logp = scores.ref_rejected_logp = None
+    PREFERENCE_LOSSES["simpo"](scores, beta=2.5, gamma=0.5)
+    with pytest.raises(ValueError, match="needs ref_chosen_logp, ref_rejected_logp"):
+        PREFERENCE_LOSSES["dpo"](scores, beta=0.1)
+
+
+def test_pair_scores_cat_keeps_missing_fields_missing():
+    a, b = _scores_at_reference(False), _scores_at_reference(False)
+    a.chosen_seq_kl = a.rejected_seq_kl = b.chosen_seq_kl = b.rejected_seq_kl = None
+    both = PairScores.cat([a, b])
+    close(both.policy_chosen_logp, [-6.0, -4.0, -6.0, -4.0])
+    assert both.chosen_seq_kl is None and both.rejected_length.shape == (4,)
 
 
 # ---- properties ------------------------------------------------------------------------------

@@ -8,12 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rto.rewards import (
+    GRANULARITIES,
     KL_ESTIMATORS,
+    delayed_rewards,
     dpo_token_reward,
     kl_penalty,
     last_token_index,
+    place_dpo_reward,
     place_on_last_token,
+    sentence_ends,
+    sentence_rewards,
     sequence_kl,
+    shaping_rewards,
     token_rewards,
 )
 
@@ -203,6 +209,93 @@ def test_token_rewards_fails_loudly(kwargs, match):
         token_rewards(POLICY, args.pop("logp_ref"), args.pop("mask"), **args)
 
 
+# ---- granularity of the DPO term ---------------------------------------------------------------
+# Row 0 has 4 response tokens, row 1 has 3; the padding holds garbage (and a sentence end that must not count).
+G_MASK = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+G_DENSE = torch.tensor([[0.5, 0.25, -1.0, 2.0, NAN], [1.0, -0.5, 0.75, 9.0, NAN]])
+G_ENDS = torch.tensor([[0, 1, 0, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+
+
+def test_sentence_rewards_sum_each_sentence_onto_its_last_token():
+    # row 0: sentences end at t=1 (marked) and t=3 (the last token): 0.5 + 0.25 = 0.75 ; -1.0 + 2.0 = 1.0
+    # row 1: ends at t=0 (marked) and t=2 (last): 1.0 ; -0.5 + 0.75 = 0.25
+    close(sentence_rewards(G_DENSE, G_MASK, G_ENDS), [[0.0, 0.75, 0.0, 1.0, 0.0], [1.0, 0.0, 0.25, 0.0, 0.0]])
+    # no marked end: one sentence, the whole response (= delayed): 1.75 at t=3 ; 1.25 at t=2
+    no_ends = torch.zeros_like(G_ENDS)
+    close(sentence_rewards(G_DENSE, G_MASK, no_ends), [[0.0, 0.0, 0.0, 1.75, 0.0], [0.0, 0.0, 1.25, 0.0, 0.0]])
+    # every token an end: each token its own sentence (= token granularity, masked)
+    close(sentence_rewards(G_DENSE, G_MASK, torch.ones_like(G_ENDS)),
+          [[0.5, 0.25, -1.0, 2.0, 0.0], [1.0, -0.5, 0.75, 0.0, 0.0]])
+
+
+def test_delayed_rewards_put_the_whole_sum_on_the_last_token():
+    # row 0: 0.5 + 0.25 - 1.0 + 2.0 = 1.75 at t=3 ; row 1: 1.0 - 0.5 + 0.75 = 1.25 at t=2
+    close(delayed_rewards(G_DENSE, G_MASK), [[0.0, 0.0, 0.0, 1.75, 0.0], [0.0, 0.0, 1.25, 0.0, 0.0]])
+
+
+def test_shaping_rewards_take_the_sum_off_at_the_last_token():
+    # row 0: last token 2.0 - 1.75 = 0.25 ; row 1: 0.75 - 1.25 = -0.5 ; each row then sums to 0
+    shaped = shaping_rewards(G_DENSE, G_MASK)
+    close(shaped, [[0.5, 0.25, -1.0, 0.25, 0.0], [1.0, -0.5, -0.5, 0.0, 0.0]])
+    close(shaped.sum(1), [0.0, 0.0])
+
+
+def test_place_dpo_reward_dispatches_by_name():
+    masked = torch.where(G_MASK.bool(), G_DENSE, torch.zeros_like(G_DENSE))
+    close(place_dpo_reward(masked, G_MASK, "token"), masked)
+    close(place_dpo_reward(G_DENSE, G_MASK, "sentence", G_ENDS), sentence_rewards(G_DENSE, G_MASK, G_ENDS))
+    close(place_dpo_reward(G_DENSE, G_MASK, "delayed"), delayed_rewards(G_DENSE, G_MASK))
+    close(place_dpo_reward(G_DENSE, G_MASK, "shaping"), shaping_rewards(G_DENSE, G_MASK))
+    with pytest.raises(ValueError, match="sentence ends"):
+        place_dpo_reward(G_DENSE, G_MASK, "sentence")
+    with pytest.raises(ValueError, match="token, sentence, delayed, shaping"):
+        place_dpo_reward(G_DENSE, G_MASK, "paragraph")
+
+
+def test_sentence_ends_from_decoded_pieces():
+    pieces = [["Good", " day", ".", " Is", " it", "?"], ["Yes", "\n", "3.5", "!"], ["Hm"]]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
+    # '.', '?', a newline, '!' end a sentence; so does the '.' of "3.5" (a rule on text only); the last token
+    # is not marked here (sentence_rewards always ends a sentence there)
+    expected = [[0, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]
+    assert sentence_ends(pieces, mask).tolist() == [[bool(x) for x in row] for row in expected]
+    with pytest.raises(ValueError, match="do not fit"):
+        sentence_ends(pieces[:2], mask)
+
+
+# token_rewards with each granularity, on POLICY / REF / DPO / MASK / RM with KW and no clips:
+#   DPO term = [[0.1, -0.05], [-0.1, 0.1, 0.05]], KL term = [[-0.05, 0.1], [0.0, -0.1, 0.05]],
+#   RM term  = 0.5 * [1, -3] on the last tokens = [[0, 0.5], [0, 0, -1.5]]
+@pytest.mark.parametrize("granularity, ends, dpo, total", [
+    ("token", None, [[0.1, -0.05, 0.0], [-0.1, 0.1, 0.05]], [[0.05, 0.55, 0.0], [-0.1, 0.0, -1.4]]),
+    # row 0: t=0 is marked, t=1 is the last token: the same as token; row 1: one sentence, sum 0.05 at t=2
+    ("sentence", [[1, 0, 0], [0, 0, 0]], [[0.1, -0.05, 0.0], [0.0, 0.0, 0.05]],
+     [[0.05, 0.55, 0.0], [0.0, -0.1, -1.4]]),
+    # sums 0.05 (row 0, at t=1) and 0.05 (row 1, at t=2)
+    ("delayed", None, [[0.0, 0.05, 0.0], [0.0, 0.0, 0.05]], [[-0.05, 0.65, 0.0], [0.0, -0.1, -1.4]]),
+    # last tokens: -0.05 - 0.05 = -0.1 ; 0.05 - 0.05 = 0; totals sum to RM - KL per row: 0.55 and -1.55
+    ("shaping", None, [[0.1, -0.1, 0.0], [-0.1, 0.1, 0.0]], [[0.05, 0.5, 0.0], [-0.1, 0.0, -1.45]]),
+])
+def test_token_rewards_per_granularity(granularity, ends, dpo, total):
+    ends = None if ends is None else torch.tensor(ends, dtype=torch.bool)
+    kw = dict(**KW, dpo_clip=None, rm_clip=None, granularity=granularity, sentence_ends=ends)
+    rewards = token_rewards(POLICY, REF, MASK, **kw)
+    close(rewards, total)
+    terms = token_rewards(POLICY, REF, MASK, **kw, per_term=True)
+    assert terms.shape == (3, 2, 3)
+    close(terms[0], dpo)
+    close(terms[1], [[-0.05, 0.1, 0.0], [0.0, -0.1, 0.05]])  # -beta_kl * (log pi - log pi_ref)
+    close(terms[2], [[0.0, 0.5, 0.0], [0.0, 0.0, -1.5]])  # beta_rm * rm on the last token
+    assert torch.equal(terms[0] + terms[1] + terms[2], rewards)
+
+
+def test_token_rewards_refuse_an_unknown_granularity_and_sentences_without_ends():
+    with pytest.raises(ValueError, match="valid: token, sentence, delayed, shaping"):
+        token_rewards(POLICY, REF, MASK, **KW, granularity="word")
+    with pytest.raises(ValueError, match="sentence ends"):
+        token_rewards(POLICY, REF, MASK, **KW, granularity="sentence")
+
+
 def test_sequence_kl():
     # row 0: 0.5 + (-1.0) = -0.5 (padding garbage ignored) ; row 1: 0.0 + 1.0 - 0.5 = 0.5
     close(sequence_kl(POLICY, REF, MASK), [-0.5, 0.5])
@@ -250,6 +343,20 @@ def test_unclipped_rewards_sum_to_sentence_level_terms(rollout, beta_dpo, beta_k
     kl_sum = torch.where(mask, logp - logp_ref, zero).sum(1)
     expected = beta_dpo * dpo_sum - beta_kl * kl_sum + beta_rm * rm_score
     torch.testing.assert_close(rewards.sum(1), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts(), st.sampled_from(GRANULARITIES), st.integers(0, 2**31 - 1))
+def test_granularity_keeps_each_response_total_except_shaping(rollout, granularity, seed):
+    # token, sentence and delayed move the DPO term within a response and keep its sum; shaping makes it 0
+    logp, logp_ref, logp_dpo, rm_score, mask = rollout
+    ends = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed)) < 0.3
+    kw = dict(logp_dpo=logp_dpo, rm_score=rm_score, dpo_clip=None, sentence_ends=ends, per_term=True)
+    dense = token_rewards(logp, logp_ref, mask, **kw)[0]
+    placed = token_rewards(logp, logp_ref, mask, **kw, granularity=granularity)[0]
+    assert torch.isfinite(placed).all() and (placed[~mask] == 0).all()
+    expected = torch.zeros(mask.shape[0], dtype=placed.dtype) if granularity == "shaping" else dense.sum(1)
+    torch.testing.assert_close(placed.sum(1), expected)
 
 
 @settings(max_examples=40, deadline=None)

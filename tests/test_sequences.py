@@ -2,7 +2,8 @@
 
 import torch
 
-from rto.models import ValueModel, load_causal_lm, set_trainable, shares_trunk, trunk_hidden
+from rto.models import ValueModel, load_causal_lm, set_trainable
+from rto.trunk import shares_trunk, trunk_hidden
 from rto.sequences import (collate, critic_values, cut_at_eos, nll_loss, sequence_scores, token_logprobs,
                            token_values)
 

@@ -185,3 +185,14 @@ def test_offline_training_runs_without_dropout(tmp_path, tiny_model):
                loss_fn, "test")
     run.close()
     assert seen == [False, False]
+
+
+def test_a_reference_free_model_is_refused_as_the_dense_reward_source(capsys, tmp_path, tiny_model):
+    import shutil
+
+    simpo = tmp_path / "simpo"
+    shutil.copytree(tiny_model, simpo)
+    (simpo / "rto_model.json").write_text(json.dumps({"stage": "dpo", "loss": "simpo", "reference": None}))
+    _one_line(capsys, ["ppo", "--reward", "rto", "--policy", tiny_model, "--reward_model", tiny_model,
+                       "--dpo_model", str(simpo), "--out", str(tmp_path / "o"), "--progress", "false"],
+              "reference-free simpo")

@@ -17,7 +17,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from rto.config import ConfigError, check_fields
 from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences, load_prompts
-from rto.models import check_tokenizers, checked_trunk_layers, load_tokenizer
+from rto.models import check_tokenizers, load_tokenizer
+from rto.trunk import checked_trunk_layers
 from rto.rollout import encode_prompts, encode_response
 from rto.runtime import NonFiniteError, Run, folder_state, make_accelerator, resolve_precision, seed_everything
 from rto.sequences import SeqBatch, collate
@@ -209,7 +210,7 @@ def make_optimizer(groups, total_steps: int, opt: Optimization):
 def shared_trunk_layers(models: list, train_layers: int | None, probe: SeqBatch, note) -> int:
     """How many bottom layers every role can share, proven on `probe` (e.g. rto.sequences.probe_batch of the
     run's first prompts); 0 when nothing is frozen or sharing would change a result, with the reason passed to
-    `note` (e.g. run.note): each role then runs its full stack. See rto.models.checked_trunk_layers."""
+    `note` (e.g. run.note): each role then runs its full stack. See rto.trunk.checked_trunk_layers."""
     return checked_trunk_layers(models, train_layers, probe, note)
 
 

@@ -1,6 +1,8 @@
-"""`rto dpo`: offline preference optimisation (sigmoid DPO by default) against a frozen reference.
+"""`rto dpo`: offline preference optimisation against a frozen reference: sigmoid DPO by default, or another
+loss of the DPO family by name (`--loss ipo|rdpo|simpo|tdpo1|tdpo2`, see rto.losses).
 
-The trained model is RTO's pi_dpo: its per-token log-ratio to the reference is the dense reward.
+The trained model is RTO's pi_dpo: its per-token log-ratio to the reference is the dense reward. Its folder's
+rto_model.json records the loss, its hyperparameters and the reference (none for the reference-free SimPO).
 """
 
 from __future__ import annotations
@@ -9,62 +11,114 @@ from dataclasses import dataclass
 
 import torch
 
-from rto.losses import PREFERENCE_LOSSES, sequence_logprob
+from rto.config import ConfigError
+from rto.losses import PREFERENCE_LOSSES, PairScores, sequence_logprob, sequential_kl
 from rto.models import DEFAULT_MODEL, load_causal_lm, save_model, set_trainable, weights_fingerprint
 from rto.rollout import encode_prompts
-from rto.sequences import probe_batch, shared_trunk, token_logprobs
+from rto.sequences import logprobs_from_logits, probe_batch, response_logits, shared_trunk
 from rto.stages.common import (PairTraining, check_token_budget, fit, frozen, load_pair_split, pair_batch, param_groups, role_tokenizer,
-                               score_in_batches, shared_trunk_layers, start)
+                               shared_trunk_layers, start)
+
+
+# config field -> argument of the loss functions
+HYPERPARAMETER_FIELDS = {"beta": "beta", "alpha": "alpha", "simpo_gamma": "gamma"}
 
 
 @dataclass
 class DPOConfig(PairTraining):
+    """`loss` picks the objective (rto.losses.PREFERENCE_LOSSES): dpo, ipo, rdpo, simpo, tdpo1, tdpo2.
+    A hyperparameter left null takes the chosen loss's default, the setting the RTO paper used for that
+    baseline (on Llama-3-8B; not tuned for small models here): beta 0.1 (dpo, ipo, rdpo, tdpo1, tdpo2; IPO
+    has no published value there, so it keeps DPO's), beta 2.5 (simpo); alpha 0.001 (rdpo), 0.2 (tdpo2);
+    simpo_gamma 0.5. A value given for a hyperparameter the loss does not take is refused."""
+
     out: str = "runs/dpo"
     model: str = DEFAULT_MODEL  # the policy to start from
-    ref: str | None = None  # the frozen reference; null = a copy of `model`
+    ref: str | None = None  # the frozen reference; null = a copy of `model` (simpo has none)
     pairs: str = "runs/pairs/pairs.jsonl"
-    loss: str = "dpo"  # a name in rto.losses.PREFERENCE_LOSSES
-    beta: float = 0.1
+    loss: str = "dpo"  # dpo | ipo | rdpo | simpo | tdpo1 | tdpo2 (rto.losses.PREFERENCE_LOSSES)
+    beta: float | None = None  # null = the loss's default: 2.5 for simpo, 0.1 for the others
+    alpha: float | None = None  # rdpo: length weight (null = 0.001); tdpo2: sequential-KL weight (null = 0.2)
+    simpo_gamma: float | None = None  # simpo: target reward margin, on the beta-scaled scale (null = 0.5)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}")
+        loss = PREFERENCE_LOSSES[self.loss]
+        taken = [f for f, name in HYPERPARAMETER_FIELDS.items() if name in loss.defaults]
+        unused = [f for f in HYPERPARAMETER_FIELDS if f not in taken and getattr(self, f) is not None]
+        if unused:
+            raise ConfigError(f"the {self.loss} loss takes no {' or '.join(unused)} (its hyperparameters: "
+                              f"{', '.join(taken)})")
+        if self.ref is not None and not loss.needs_reference:
+            raise ConfigError(f"the {self.loss} loss is reference-free: drop ref ({self.ref!r})")
+
+    def hyperparameters(self) -> dict[str, float]:
+        """The chosen loss's hyperparameters, named as its function's arguments (gamma for simpo_gamma)."""
+        return PREFERENCE_LOSSES[self.loss].hyperparameters(
+            **{name: getattr(self, f) for f, name in HYPERPARAMETER_FIELDS.items()})
 
 
 def run(cfg: DPOConfig) -> dict:
-    if cfg.loss not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; available: {', '.join(PREFERENCE_LOSSES)}")
     loss_impl = PREFERENCE_LOSSES[cfg.loss]
-    run_, accelerator = start(cfg, "dpo")
-    tokenizer = role_tokenizer(run_, cfg, {"policy": cfg.model, "reference": cfg.ref})
+    hyper = cfg.hyperparameters()
+    run_, accelerator = start(cfg, f"dpo --loss {cfg.loss}")
+    use_ref = loss_impl.needs_reference
+    tokenizer = role_tokenizer(run_, cfg, {"policy": cfg.model, **({"reference": cfg.ref} if use_ref else {})})
     check_token_budget(cfg, cfg.model, "policy", cfg.max_response_tokens)
     train, heldout = load_pair_split(cfg.pairs, cfg, run_, tokenizer)
     policy = load_causal_lm(cfg.model, cfg.trust_remote_code, role="policy").to(accelerator.device)
-    ref = frozen(load_causal_lm(cfg.ref or cfg.model, cfg.trust_remote_code, role="reference").to(accelerator.device))
+    ref = (frozen(load_causal_lm(cfg.ref or cfg.model, cfg.trust_remote_code, role="reference").to(accelerator.device))
+           if use_ref else None)
     set_trainable(policy, cfg.train_layers)
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id).to(accelerator.device)
-    n_shared = shared_trunk_layers([policy, ref], cfg.train_layers, probe, run_.note)
+    n_shared = shared_trunk_layers([policy] + ([ref] if use_ref else []), cfg.train_layers, probe, run_.note)
 
-    def logps(items, grad_policy: bool):
+    def score(items, grad_policy: bool) -> PairScores:
+        """What the loss reads of these pairs, and only that: reference log-probs unless reference-free,
+        full-vocabulary logits of both models (sequential KL) only for TDPO."""
         batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_response_tokens).to(accelerator.device)
-        trunk = shared_trunk(ref, batch, n_shared)
-        with torch.no_grad():
-            ref_lp = sequence_logprob(token_logprobs(ref, batch, trunk, n_shared), batch.response_mask)
+        mask = batch.response_mask
+        trunk = shared_trunk(ref if use_ref else policy, batch, n_shared)
+        ref_logits = ref_lp = kl = None
+        if use_ref:
+            with torch.no_grad():
+                ref_logits = response_logits(ref, batch, trunk, n_shared)
+                ref_lp = sequence_logprob(logprobs_from_logits(ref_logits, batch), mask)
         with torch.set_grad_enabled(grad_policy):
-            pol_lp = sequence_logprob(token_logprobs(policy, batch, trunk, n_shared), batch.response_mask)
-        B = len(items)
-        return pol_lp[:B], pol_lp[B:], ref_lp[:B], ref_lp[B:]
+            pol_logits = response_logits(policy, batch, trunk, n_shared)
+            pol_lp = sequence_logprob(logprobs_from_logits(pol_logits, batch), mask)
+            if loss_impl.needs_seq_kl:
+                kl = sequential_kl(ref_logits, pol_logits, mask)
+        B, lengths = len(items), mask.sum(-1)  # chosen rows first, then rejected (pair_batch)
+        chosen = lambda x: None if x is None else x[:B]  # noqa: E731
+        rejected = lambda x: None if x is None else x[B:]  # noqa: E731
+        return PairScores(
+            policy_chosen_logp=chosen(pol_lp), policy_rejected_logp=rejected(pol_lp),
+            chosen_length=chosen(lengths), rejected_length=rejected(lengths),
+            ref_chosen_logp=chosen(ref_lp), ref_rejected_logp=rejected(ref_lp),
+            chosen_seq_kl=chosen(kl), rejected_seq_kl=rejected(kl))
 
     steps = fit(run_, accelerator, policy, param_groups(policy, cfg.lr), train, cfg,
-                lambda epoch, items: loss_impl(*logps(items, True), beta=cfg.beta), "dpo")
+                lambda epoch, items: loss_impl(score(items, True), **hyper), "dpo")
     summary = {"steps": steps, "train_pairs": len(train), "heldout_pairs": len(heldout)}
     if heldout:
-        with accelerator.autocast():
-            _, stats = loss_impl(*score_in_batches(lambda it: logps(it, False), heldout, 2 * cfg.batch_size),
-                                 beta=cfg.beta)
+        size = 2 * cfg.batch_size
+        with accelerator.autocast(), torch.no_grad():
+            scores = PairScores.cat([score(heldout[i : i + size], False) for i in range(0, len(heldout), size)])
+            _, stats = loss_impl(scores, **hyper)
         summary.update({f"heldout_{k}": float(v) for k, v in stats.items()})
-    # the reference it was trained against: RTO's reward is only the DPO implicit reward against that model
-    save_model(policy, tokenizer, run_.dir / "model", meta={
-        "stage": "dpo", "loss": cfg.loss, "beta": cfg.beta, "reference": cfg.ref or cfg.model,
-        "reference_fingerprint": weights_fingerprint(ref)})
-    run_.note(f"dpo: {steps} steps; held-out accuracy {summary.get('heldout_accuracy', float('nan')):.3f}, "
+    # the loss and its hyperparameters, and the reference it was trained against: RTO's reward is only the DPO
+    # implicit reward against that model; a reference-free (simpo) model records none
+    meta = {"stage": "dpo", "loss": cfg.loss, "beta": hyper["beta"], "alpha": hyper.get("alpha"),
+            "gamma": hyper.get("gamma"), "reference": (cfg.ref or cfg.model) if use_ref else None}
+    if use_ref:
+        meta["reference_fingerprint"] = weights_fingerprint(ref)
+    save_model(policy, tokenizer, run_.dir / "model", meta=meta)
+    run_.note(f"dpo ({cfg.loss}, {', '.join(f'{k} {v:g}' for k, v in hyper.items())}): {steps} steps; held-out "
+              f"accuracy {summary.get('heldout_accuracy', float('nan')):.3f}, "
               f"margin {summary.get('heldout_reward_margin', float('nan')):.3f} -> {run_.dir / 'model'}")
     run_.finish(summary)
     return summary

@@ -1,13 +1,16 @@
 """`rto ppo --reward rto|sparse`: PPO with RTO's dense token reward, or classic sparse-reward PPO.
 
 One iteration, in order (every detail visible here, CleanRL-style):
-  1. rollout  - sample one response per prompt from the policy (temperature T), cut after the first EOS
+  1. rollout  - sample group_size responses per prompt from the policy (temperature T), cut after the first EOS
   2. scoring  - log-probs of policy, reference and DPO model at temperature T; critic values V(s_t);
                 reward-model score on the last token, normalised with the RM's training statistics
-  3. rewards  - rto.rewards.token_rewards (paper eq. 4.7); sparse = the same without the DPO term
-  4. advantages - GAE (gamma, lambda), then whitened over the rollout
-  5. update   - clipped policy loss + clipped value loss, minibatches, gradient clipping
-Reference, DPO model and reward model are frozen and stay in eval mode.
+  3. rewards  - rto.rewards.token_rewards (paper eq. 4.7), the DPO term paid at --granularity (token = RTO,
+                sentence = Semi-RTO, delayed, shaping = RS-PPO); sparse = the same without the DPO term
+  4. advantages - --estimator: GAE (gamma, lambda) on the critic's values, or critic-free REINFORCE++, GRPO or
+                RLOO (rto.advantages.ADVANTAGE_ESTIMATORS); then whitened over the rollout (not REINFORCE++, GRPO)
+  5. update   - clipped policy loss + clipped value loss (GAE only), minibatches, gradient clipping
+Reference, DPO model and reward model are frozen and stay in eval mode. A critic-free estimator loads no critic:
+there is no value loss, no critic update and no `critic/` folder, and the rollout's values are zeros.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rto.advantages import explained_variance, gae, masked_mean, masked_whiten
+from rto.advantages import (ADVANTAGE_ESTIMATORS, NEEDS_GROUPS, NORMALISED, USES_CRITIC, explained_variance, gae,
+                            masked_mean, masked_sum, masked_whiten)
 from rto.experience import Experience, SequenceTensors, TokenTensors
 from rto.losses import policy_loss, value_loss
 from rto.checkpoint import load_checkpoint, save_checkpoint
 from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, read_meta, save_model, set_trainable, weights_fingerprint
-from rto.rewards import adaptive_kl_coef, dpo_token_reward, sequence_kl, token_rewards
+from rto.rewards import adaptive_kl_coef, sentence_ends, sequence_kl, token_pieces, token_rewards
 from rto.rollout import decode_responses, generate, off_policy_warning, score_sequences
 from rto.runtime import keep_rows, timed
 from rto.sequences import critic_values, probe_batch, token_logprobs, token_values
@@ -48,7 +52,10 @@ class PPOConfig(Checkpointing, Optimization, Common):
     task: str = "sentiment"  # train prompts and gold scorer (the gold score is logged, never trained on)
     prompts: str | None = None  # a prompt file instead of the task's train prompts
     iterations: int = 8
-    rollout_size: int = 32  # prompts (one response each) per iteration
+    rollout_size: int = 32  # responses per iteration: rollout_size / group_size prompts, each sampled group_size times
+    group_size: int = 1  # responses per prompt (grpo and rloo compare them: >= 2)
+    granularity: str = "token"  # where the DPO term is paid: token (RTO) | sentence (Semi-RTO) | delayed | shaping
+    estimator: str = "gae"  # advantages: gae (critic) | reinforce++ | grpo | rloo (critic-free)
     minibatch_size: int = 8
     ppo_epochs: int = 1
     max_new_tokens: int = 40
@@ -85,12 +92,27 @@ def check_config(cfg: PPOConfig) -> None:
                          "`rto dpo`); use --reward sparse for classic PPO")
     if cfg.rollout_size % cfg.minibatch_size:
         raise ValueError(f"rollout_size ({cfg.rollout_size}) must be a multiple of minibatch_size ({cfg.minibatch_size})")
+    if cfg.rollout_size % cfg.group_size:
+        raise ValueError(f"rollout_size ({cfg.rollout_size}) counts responses: it must be a multiple of group_size "
+                         f"({cfg.group_size})")
+    if cfg.estimator in NEEDS_GROUPS and cfg.group_size < 2:
+        raise ValueError(f"--estimator {cfg.estimator} compares the responses to one prompt: it needs "
+                         f"--group_size >= 2, got {cfg.group_size}")
+    if cfg.estimator in NEEDS_GROUPS and cfg.gamma != 1.0:
+        raise ValueError(f"--estimator {cfg.estimator} scores each response by its undiscounted summed reward: "
+                         f"--gamma must be 1, got {cfg.gamma}")
+    if cfg.granularity != "token" and cfg.reward != "rto":
+        raise ValueError(f"--granularity {cfg.granularity} places the DPO term, which only --reward rto has")
 
 
 def check_dpo_reference(run_, cfg: PPOConfig, ref) -> None:
     """RTO's dense term is the DPO implicit reward only against the reference pi_dpo was trained with: a DPO
     model folder written by `rto dpo` records it (a fingerprint of its weights); another reference is refused."""
     record = read_meta(cfg.dpo_model)
+    if record.get("stage") == "dpo" and record.get("reference") is None:
+        raise ValueError(f"the DPO model {cfg.dpo_model} was trained with the reference-free {record.get('loss')} "
+                         "loss, so log(pi_dpo / pi_ref) is not its implicit reward; train the dense reward source "
+                         "with a loss that has a reference (dpo, ipo, rdpo, tdpo1, tdpo2)")
     if "reference_fingerprint" not in record:
         run_.note(f"ppo: {cfg.dpo_model} does not record the reference it was trained against; make sure it is "
                   f"{cfg.ref or cfg.policy}")
@@ -113,7 +135,8 @@ def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerat
     rm_score = (scored["rm_raw"] - rm_stats[0]) / rm_stats[1]
     if cfg.missing_eos_penalty is not None:
         rm_score = torch.where(ended, rm_score, rm_score - cfg.missing_eos_penalty)
-    tokens = TokenTensors(logp=scored["logp"], logp_ref=scored["logp_ref"], values=scored["values"],
+    values = scored["values"] if "values" in scored else torch.zeros_like(scored["logp"])  # no critic: zeros
+    tokens = TokenTensors(logp=scored["logp"], logp_ref=scored["logp_ref"], values=values,
                           logp_dpo=scored.get("logp_dpo"), logp_ref_t1=scored.get("logp_ref_t1"),
                           entropy=scored["entropy"])
     seqs = SequenceTensors(rm_raw=scored["rm_raw"], rm_score=rm_score, ended=ended, length=batch.response_lengths)
@@ -123,12 +146,15 @@ def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerat
 def run(cfg: PPOConfig) -> dict:
     check_config(cfg)
     run_, accelerator = start(cfg, f"ppo --reward {cfg.reward}")
+    uses_critic = cfg.estimator in USES_CRITIC
+    run_.note(f"ppo: estimator {cfg.estimator} ({'with a critic' if uses_critic else 'no critic'}), granularity "
+              f"{cfg.granularity}, {cfg.group_size} response(s) per prompt")
     device = accelerator.device
     prompts = task_prompts(cfg.task, cfg.prompts, "train", None, cfg.seed)
     gold_scorer = get_task(cfg.task).gold_scorer()
     tokenizer = role_tokenizer(run_, cfg, {
         "policy": cfg.policy, "reference": cfg.ref, "DPO model": cfg.dpo_model if cfg.reward == "rto" else None,
-        "reward model": cfg.reward_model, "critic": cfg.critic})
+        "reward model": cfg.reward_model, "critic": cfg.critic if uses_critic else None})
     check_token_budget(cfg, cfg.policy, "policy", cfg.max_new_tokens)
     prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
     load = lambda path, role: load_causal_lm(path, cfg.trust_remote_code, role=role).to(device)  # noqa: E731
@@ -137,18 +163,19 @@ def run(cfg: PPOConfig) -> dict:
         "ref": frozen(load(cfg.ref or cfg.policy, "reference")),
         "dpo": frozen(load(cfg.dpo_model, "DPO model")) if cfg.reward == "rto" else None,
         "rm": frozen(ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code, role="reward model").to(device)),
-        "critic": ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code, role="critic").to(device),
+        "critic": (ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code, role="critic")
+                   .to(device) if uses_critic else None),  # critic-free estimators need no values
     }
     if cfg.reward == "rto":
         check_dpo_reference(run_, cfg, roles["ref"])
     if warning := off_policy_warning(cfg.top_k, cfg.top_p):
         run_.note(f"ppo: {warning}")
-    roles["critic"].normalize_head()  # a critic started from the RM predicts normalised scores from step 1
     policy, critic = roles["policy"], roles["critic"]
-    policy.eval()  # no dropout in rollouts or updates; gradients still flow
-    critic.eval()
-    set_trainable(policy, cfg.train_layers)
-    set_trainable(critic, cfg.train_layers)
+    if critic is not None:
+        critic.normalize_head()  # a critic started from the RM predicts normalised scores from step 1
+    for model in (policy, critic) if critic is not None else (policy,):
+        model.eval()  # no dropout in rollouts or updates; gradients still flow
+        set_trainable(model, cfg.train_layers)
     probe = probe_batch(prompt_ids, tokenizer.pad_token_id).to(device)
     n_shared = shared_trunk_layers([m for m in roles.values() if m is not None], cfg.train_layers, probe, run_.note)
     rm_stats = roles["rm"].reward_stats()
@@ -158,21 +185,26 @@ def run(cfg: PPOConfig) -> dict:
 
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(prompts), generator=gen).tolist()
+    prompts_per_iter = cfg.rollout_size // cfg.group_size
     updates_per_iter = cfg.ppo_epochs * (cfg.rollout_size // cfg.minibatch_size)
     total = cfg.iterations * updates_per_iter
-    actor_opt, actor_sched = make_optimizer(param_groups(policy, cfg.actor_lr), total, cfg)
-    critic_opt, critic_sched = make_optimizer(param_groups(critic, cfg.critic_lr), total, cfg)
-    actor_params = [p for p in policy.parameters() if p.requires_grad]
-    critic_params = [p for p in critic.parameters() if p.requires_grad]
+    # each trained model: (trainable parameters, optimizer, schedule); the critic only when the estimator uses values
+    trained = {"actor": ([p for p in policy.parameters() if p.requires_grad],
+                         *make_optimizer(param_groups(policy, cfg.actor_lr), total, cfg))}
+    if critic is not None:
+        trained["critic"] = ([p for p in critic.parameters() if p.requires_grad],
+                             *make_optimizer(param_groups(critic, cfg.critic_lr), total, cfg))
+    actor_sched = trained["actor"][2]
     beta_kl = cfg.beta_kl
     history = []
     guard = NonFiniteGuard(run_, cfg.max_nonfinite_steps, f"ppo ({cfg.reward})", "iteration")
     # what a checkpoint holds beside the trainable weights: optimizers, schedulers, the minibatch generator
     # (and every global RNG), the KL coefficient, the metrics history, the RM's reward statistics (a resume
     # checks they are unchanged); the iteration is the data position
-    models = {"policy": policy, "critic": critic}
-    stateful = {"actor_opt": actor_opt, "actor_sched": actor_sched, "critic_opt": critic_opt,
-                "critic_sched": critic_sched}
+    models = {"policy": policy} if critic is None else {"policy": policy, "critic": critic}
+    stateful = {}
+    for name, (_, opt, sched) in trained.items():
+        stateful.update({f"{name}_opt": opt, f"{name}_sched": sched})
     done = 0
     if run_.resume_from:
         state = load_checkpoint(run_.resume_from, models, stateful, {"minibatches": gen})
@@ -185,8 +217,9 @@ def run(cfg: PPOConfig) -> dict:
     for it in tqdm(range(done + 1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter",
                    initial=done, total=cfg.iterations, disable=not cfg.progress):
         times: dict[str, float] = {}
-        start_at = (it - 1) * cfg.rollout_size
-        idx = [order[(start_at + j) % len(order)] for j in range(cfg.rollout_size)]
+        start_at = (it - 1) * prompts_per_iter
+        idx = [order[(start_at + j) % len(order)] for j in range(prompts_per_iter) for _ in range(cfg.group_size)]
+        group = torch.arange(prompts_per_iter).repeat_interleave(cfg.group_size)  # one id per prompt
 
         # 1. rollout
         with timed(times, "time_generate_s"):
@@ -201,17 +234,29 @@ def run(cfg: PPOConfig) -> dict:
             exp = score_rollout(rollout, roles, n_shared, cfg, accelerator, rm_stats)
             exp.texts = texts
             exp.seqs.gold = torch.tensor(gold_scorer(texts))  # logged only
+            exp.seqs.group = group.to(device)
         mask, tok = exp.batch.response_mask, exp.tokens
 
-        # 3. token rewards (paper eq. 4.7; the DPO term only for --reward rto)
-        tok.rewards = token_rewards(
+        # 3. token rewards (paper eq. 4.7; the DPO term only for --reward rto, paid at --granularity); per term
+        # (DPO, KL, RM), so the log reads them as they were paid
+        ends = None
+        if cfg.granularity == "sentence":  # a token whose text holds . ! ? or a newline ends a sentence
+            ends = sentence_ends(token_pieces(tokenizer, rollout.response_ids), mask)
+        reward_dpo, reward_kl, reward_rm = token_rewards(
             tok.logp, tok.logp_ref, mask, logp_dpo=tok.logp_dpo, logp_ref_t1=tok.logp_ref_t1,
             rm_score=exp.seqs.rm_score, beta_dpo=cfg.beta_dpo, beta_kl=beta_kl, beta_rm=cfg.beta_rm,
-            dpo_clip=cfg.dpo_clip, rm_clip=cfg.rm_clip,
+            dpo_clip=cfg.dpo_clip, rm_clip=cfg.rm_clip, granularity=cfg.granularity, sentence_ends=ends, per_term=True,
         )
-        # 4. advantages: GAE, whitened over the whole rollout
-        tok.advantages, tok.returns = gae(tok.rewards, tok.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
+        tok.rewards = reward_dpo + reward_kl + reward_rm
+        # 4. advantages (--estimator): GAE on the critic's values, or a critic-free estimator on the same rewards
+        # (GRPO and RLOO compare each response with the others of its group); then whitened over the whole
+        # rollout, unless the estimator normalises them itself (REINFORCE++, GRPO)
+        if cfg.estimator == "gae":
+            tok.advantages, tok.returns = gae(tok.rewards, tok.values, mask, cfg.gamma, cfg.lam)
+        else:
+            estimate = ADVANTAGE_ESTIMATORS[cfg.estimator]
+            tok.advantages, tok.returns = estimate(tok.rewards, mask, groups=exp.seqs.group, gamma=cfg.gamma)
+        if cfg.whiten_advantages and cfg.estimator not in NORMALISED:
             tok.advantages = masked_whiten(tok.advantages, mask)
         # a NaN/inf anywhere in the rollout's numbers would poison every minibatch: skip this update
         bad = next((name for name, x in (("reward", tok.rewards), ("advantage", tok.advantages), ("value", tok.values),
@@ -219,12 +264,12 @@ def run(cfg: PPOConfig) -> dict:
         if bad:
             guard.skip(it, f"{bad} in the rollout")
 
-        # 5. update: clipped policy and value losses on minibatches
+        # 5. update: clipped policy loss (and clipped value loss when there is a critic) on minibatches
         stats: dict[str, list] = {}
         if bad:  # the schedules follow the data position, as in the offline stages: a skipped update still counts
             for _ in range(updates_per_iter):
-                actor_sched.step()
-                critic_sched.step()
+                for _, _, sched in trained.values():
+                    sched.step()
         with timed(times, "time_update_s"):
             for _ in range(cfg.ppo_epochs if not bad else 0):
                 for mb in exp.minibatches(cfg.minibatch_size, gen):
@@ -232,35 +277,44 @@ def run(cfg: PPOConfig) -> dict:
                     with accelerator.autocast():
                         logp = token_logprobs(policy, b, mb.trunk, n_shared, cfg.temperature)
                         pg_loss, pg_stats = policy_loss(logp, mb.tokens.logp, mb.tokens.advantages, m, cfg.clip)
-                        values = critic_values(token_values(critic, b, mb.trunk, n_shared), b)
-                        vf_loss, vf_stats = value_loss(values, mb.tokens.values, mb.tokens.returns, m, cfg.value_clip)
+                        if critic is not None:
+                            values = critic_values(token_values(critic, b, mb.trunk, n_shared), b)
+                            vf_loss, vf_stats = value_loss(values, mb.tokens.values, mb.tokens.returns, m,
+                                                           cfg.value_clip)
                     # separate parameters: each loss reaches its own model
-                    actor_gn, critic_gn = backward_and_clip(accelerator, pg_loss + vf_loss,
-                                                            [actor_params, critic_params], cfg.max_grad_norm)
-                    if math.isfinite(actor_gn) and math.isfinite(critic_gn):
-                        actor_opt.step()
-                        critic_opt.step()
+                    loss = pg_loss if critic is None else pg_loss + vf_loss
+                    grad_norms = backward_and_clip(accelerator, loss, [params for params, _, _ in trained.values()],
+                                                   cfg.max_grad_norm)
+                    if all(math.isfinite(norm) for norm in grad_norms):
+                        for _, opt, _ in trained.values():
+                            opt.step()
                         guard.ok()
                     else:
                         guard.skip(it, "loss or gradient in a minibatch")
-                    for opt, sched in ((actor_opt, actor_sched), (critic_opt, critic_sched)):
+                    for _, opt, sched in trained.values():
                         sched.step()
                         opt.zero_grad(set_to_none=True)
-                    for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "actor_grad_norm": actor_gn,
-                                 "critic_grad_norm": critic_gn, **pg_stats, **vf_stats}.items():
+                    logged = {"policy_loss": pg_loss, **pg_stats}
+                    logged.update({f"{name}_grad_norm": norm for name, norm in zip(trained, grad_norms)})
+                    if critic is not None:
+                        logged.update({"value_loss": vf_loss, **vf_stats})
+                    for k, v in logged.items():
                         stats.setdefault(k, []).append(float(v.detach() if torch.is_tensor(v) else v))
 
         # logging (and the adaptive KL controller, which acts on the next rollout)
         kl = sequence_kl(tok.logp, tok.logp_ref, mask)
         n_tokens = float(mask.sum())
         metrics = {
-            "iteration": it, "prompts_seen": it * cfg.rollout_size,
+            "iteration": it, "prompts_seen": it * prompts_per_iter,
             "gold": float(exp.seqs.gold.mean()), "rm": float(exp.seqs.rm_score.mean()),
             "rm_raw": float(exp.seqs.rm_raw.mean()), "kl": float(kl.mean()), "kl_coef": beta_kl,
             "reward_total": float((tok.rewards * mask).sum(-1).mean()),
+            "reward_kl": float(masked_sum(reward_kl, mask, dim=1).mean()),
+            "reward_rm": float(masked_sum(reward_rm, mask, dim=1).mean()),
             "eos_rate": float(exp.seqs.ended.float().mean()), "length": float(exp.seqs.length.float().mean()),
-            "value_mean": float(masked_mean(tok.values, mask)),
-            "explained_variance": float(explained_variance(tok.values, tok.returns, mask)),
+            **({"value_mean": float(masked_mean(tok.values, mask)),
+                "explained_variance": float(explained_variance(tok.values, tok.returns, mask))}
+               if critic is not None else {}),
             "entropy": float(masked_mean(tok.entropy, mask)),
             "kl_per_token": float(masked_mean(tok.logp - tok.logp_ref, mask)),
             # the sampler drew each token from the distribution the scoring pass computes (on-policy check)
@@ -272,9 +326,8 @@ def run(cfg: PPOConfig) -> dict:
             "lr": actor_sched.get_last_lr()[0], "skipped_steps": guard.skipped,
             **{k: sum(v) / len(v) for k, v in stats.items()}, **times,
         }
-        if tok.logp_dpo is not None:
-            dense = dpo_token_reward(tok.logp_dpo, tok.logp_ref_t1, cfg.beta_dpo, cfg.dpo_clip)
-            metrics["reward_dpo"] = float((dense * mask).sum(-1).mean())
+        if tok.logp_dpo is not None:  # the DPO reward per response as paid (0 with --granularity shaping)
+            metrics["reward_dpo"] = float(masked_sum(reward_dpo, mask, dim=1).mean())
             if cfg.dpo_clip is not None:
                 raw = cfg.beta_dpo * (tok.logp_dpo - tok.logp_ref_t1)
                 metrics["dpo_clipfrac"] = float(masked_mean((raw.abs() > cfg.dpo_clip).float(), mask))
@@ -283,7 +336,8 @@ def run(cfg: PPOConfig) -> dict:
         with open(run_.dir / "rollouts.jsonl", "a") as f:
             for j in range(len(texts)):
                 f.write(json.dumps({"iteration": it, "prompt": prompts[idx[j]][-1]["content"], "response": texts[j],
-                                    "gold": float(exp.seqs.gold[j]), "rm": float(exp.seqs.rm_score[j]),
+                                    "group": int(group[j]), "gold": float(exp.seqs.gold[j]),
+                                    "rm": float(exp.seqs.rm_score[j]),
                                     "ended": bool(exp.seqs.ended[j])}) + "\n")
         if cfg.adaptive_kl and math.isfinite(metrics["kl"]):
             beta_kl = adaptive_kl_coef(beta_kl, metrics["kl"], cfg.target_kl, cfg.kl_horizon, cfg.rollout_size)
@@ -296,10 +350,13 @@ def run(cfg: PPOConfig) -> dict:
     save_model(policy, tokenizer, run_.dir / "policy", meta={
         "stage": "ppo", "reward": cfg.reward, "dpo_model": cfg.dpo_model if cfg.reward == "rto" else None,
         "beta_dpo": cfg.beta_dpo if cfg.reward == "rto" else None, "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl,
-        "beta_rm": cfg.beta_rm, "temperature": cfg.temperature})
-    save_model(critic, tokenizer, run_.dir / "critic")
+        "beta_rm": cfg.beta_rm, "temperature": cfg.temperature, "granularity": cfg.granularity,
+        "estimator": cfg.estimator, "group_size": cfg.group_size})
+    if critic is not None:
+        save_model(critic, tokenizer, run_.dir / "critic")
     last = history[-1]
-    summary = {"iterations": cfg.iterations, "reward": cfg.reward, "final_gold": last["gold"], "final_kl": last["kl"],
+    summary = {"iterations": cfg.iterations, "reward": cfg.reward, "estimator": cfg.estimator,
+               "granularity": cfg.granularity, "final_gold": last["gold"], "final_kl": last["kl"],
                "time_generate_s": sum(h["time_generate_s"] for h in history),
                "time_score_s": sum(h["time_score_s"] for h in history),
                "time_update_s": sum(h["time_update_s"] for h in history)}

@@ -8,6 +8,7 @@ float, and `beta: abc` is refused), then the dataclass checks every field's rang
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from jsonargparse import ArgumentParser
 
@@ -55,6 +56,11 @@ def parse_config(stage: str, values: dict, where: str):
 
 
 def one_line(message: str) -> str:
+    """jsonargparse's error as one short line: 'field "beta": expected float or null, got 'abc''."""
     text = " ".join(part.strip() for part in message.splitlines() if part.strip())
     text = text.replace("Parser key ", "field ").replace("<class '", "").replace("'>", "")
+    union = re.search(r'^(field "[^"]+"):.*Subtypes: \[([^\]]*)\].*Given value: (.*)$', text)
+    if union:  # an optional field: name the types it takes instead of one error per type
+        types = " or ".join(t.strip().replace("NoneType", "null") for t in union.group(2).split(","))
+        text = f"{union.group(1)}: expected {types}, got {union.group(3)!r}"
     return text if len(text) <= 300 else text[:297] + "..."
