@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,10 @@ from rto.runtime import NonFiniteError, Run, folder_state, make_accelerator, res
 from rto.sequences import SeqBatch, collate
 from rto.tasks import get_task
 
+
+# a skipped update (NaN/inf loss, gradient or reward) still advances the schedules on purpose (they follow the
+# data position), which torch reports as a scheduler step before an optimizer step
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 @dataclass
 class Common:
