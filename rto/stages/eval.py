@@ -22,8 +22,8 @@ from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, read_meta, res
 from rto.rewards import sequence_kl
 from rto.rollout import decode_responses, generate, off_policy_warning, score_sequences
 from rto.sequences import probe_batch
-from rto.stages.common import Common, check_token_budget, drop_long_prompts, role_tokenizer, shared_trunk_layers, start, task_prompts
-from rto.tasks import get_task
+from rto.stages.common import Common, check_token_budget, drop_long_prompts, role_tokenizer, shared_trunk_layers, start
+from rto.tasks import get_task, prompts_and_rows
 
 Z95 = 1.959964
 
@@ -120,13 +120,14 @@ def run(cfg: EvalConfig) -> dict:
         run_.note(f"eval: {warning}")
     beta_dpo = heatmap_beta(cfg, dict(specs)[heat_label])
 
-    prompts = task_prompts(cfg.task, cfg.prompts, "eval", cfg.num_prompts, cfg.seed)
+    prompts, prompt_rows = prompts_and_rows(cfg.task, cfg.prompts, "eval", cfg.num_prompts, cfg.seed)  # with each prompt's file row
     scorer = get_task(cfg.task).gold_scorer()
     tokenizer = role_tokenizer(run_, cfg, {"reference": cfg.ref, **{f"model {label}": path for label, path in specs},
                                            "reward model": cfg.reward_model, "DPO model": cfg.dpo_model})
     for label, path in specs:
         check_token_budget(cfg, path, f"model {label}", cfg.max_new_tokens)
-    prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
+    kept, prompt_ids = drop_long_prompts(run_, tokenizer, list(zip(prompts, prompt_rows)), cfg, "prompts", lambda x: x[0])
+    prompts, prompt_rows = [p for p, _ in kept], [r for _, r in kept]
     ref = load_causal_lm(cfg.ref, cfg.trust_remote_code, role="reference").to(device).eval()
     rm = ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code, role="reward model").to(device).eval() if cfg.reward_model else None
     dpo = load_causal_lm(cfg.dpo_model, cfg.trust_remote_code, role="DPO model").to(device).eval() if cfg.dpo_model else None
@@ -142,7 +143,7 @@ def run(cfg: EvalConfig) -> dict:
                            top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.batch_size, autocast=accelerator.autocast,
                            desc=f"eval {label}", progress=cfg.progress)
         texts = decode_responses(tokenizer, rollout.response_ids)
-        gold = torch.tensor(scorer(texts), dtype=torch.float64)
+        gold = torch.tensor(scorer(texts, prompt_rows), dtype=torch.float64)
         heat_dpo = dpo if label == heat_label else None
         roles = [m for m in (model, ref, rm, heat_dpo) if m is not None]
         scored = score_sequences(

@@ -16,8 +16,8 @@ import torch
 from rto.data import write_jsonl
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rto.rollout import decode_responses, generate
-from rto.stages.common import Common, check_token_budget, drop_long_prompts, start, task_prompts
-from rto.tasks import get_task
+from rto.stages.common import Common, check_token_budget, drop_long_prompts, start
+from rto.tasks import get_task, prompts_and_rows
 
 
 @dataclass
@@ -40,11 +40,12 @@ def run(cfg: PairsConfig) -> dict:
     if cfg.samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be >= 2, got {cfg.samples_per_prompt}")
     run_, accelerator = start(cfg, "pairs")
-    prompts = task_prompts(cfg.task, cfg.prompts, "train", cfg.num_prompts, cfg.seed)
+    prompts, prompt_rows = prompts_and_rows(cfg.task, cfg.prompts, "train", cfg.num_prompts, cfg.seed)  # with each prompt's file row
     scorer = get_task(cfg.task).gold_scorer()
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, role="policy")
     check_token_budget(cfg, cfg.policy, "policy", cfg.max_new_tokens)
-    prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
+    kept, prompt_ids = drop_long_prompts(run_, tokenizer, list(zip(prompts, prompt_rows)), cfg, "prompts", lambda x: x[0])
+    prompts, prompt_rows = [p for p, _ in kept], [r for _, r in kept]
     model = load_causal_lm(cfg.policy, cfg.trust_remote_code, role="policy").to(accelerator.device)
 
     k = cfg.samples_per_prompt
@@ -53,7 +54,7 @@ def run(cfg: PairsConfig) -> dict:
                        top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.batch_size, autocast=accelerator.autocast,
                        desc="sampling pairs", progress=cfg.progress)
     texts = decode_responses(tokenizer, rollout.response_ids)
-    scores = torch.tensor(scorer(texts)).view(len(prompts), k)
+    scores = torch.tensor(scorer(texts, [r for r in prompt_rows for _ in range(k)])).view(len(prompts), k)
     ended = rollout.ended.view(len(prompts), k)
 
     def pair(i: int, a: int, b: int) -> dict:  # sample a of prompt i preferred to sample b

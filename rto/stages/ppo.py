@@ -32,10 +32,10 @@ from rto.rewards import adaptive_kl_coef, sentence_ends, sequence_kl, token_piec
 from rto.rollout import decode_responses, generate, off_policy_warning, score_sequences
 from rto.runtime import keep_rows, timed
 from rto.sequences import critic_values, probe_batch, token_logprobs, token_values
-from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, backward_and_clip, drop_long_prompts,
-                               check_token_budget, finite, frozen, make_optimizer, param_groups, role_tokenizer, shared_trunk_layers, start,
-                               task_prompts)
-from rto.tasks import get_task
+from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, backward_and_clip,
+                               check_token_budget, drop_long_prompts, finite, frozen, make_optimizer, param_groups,
+                               role_tokenizer, shared_trunk_layers, start)
+from rto.tasks import get_task, prompts_and_rows
 
 REWARDS = ("rto", "sparse")
 
@@ -150,13 +150,14 @@ def run(cfg: PPOConfig) -> dict:
     run_.note(f"ppo: estimator {cfg.estimator} ({'with a critic' if uses_critic else 'no critic'}), granularity "
               f"{cfg.granularity}, {cfg.group_size} response(s) per prompt")
     device = accelerator.device
-    prompts = task_prompts(cfg.task, cfg.prompts, "train", None, cfg.seed)
+    prompts, prompt_rows = prompts_and_rows(cfg.task, cfg.prompts, "train", None, cfg.seed)  # with each prompt's file row
     gold_scorer = get_task(cfg.task).gold_scorer()
     tokenizer = role_tokenizer(run_, cfg, {
         "policy": cfg.policy, "reference": cfg.ref, "DPO model": cfg.dpo_model if cfg.reward == "rto" else None,
         "reward model": cfg.reward_model, "critic": cfg.critic if uses_critic else None})
     check_token_budget(cfg, cfg.policy, "policy", cfg.max_new_tokens)
-    prompts, prompt_ids = drop_long_prompts(run_, tokenizer, prompts, cfg, "prompts")
+    kept, prompt_ids = drop_long_prompts(run_, tokenizer, list(zip(prompts, prompt_rows)), cfg, "prompts", lambda x: x[0])
+    prompts, prompt_rows = [p for p, _ in kept], [r for _, r in kept]
     load = lambda path, role: load_causal_lm(path, cfg.trust_remote_code, role=role).to(device)  # noqa: E731
     roles = {
         "policy": load(cfg.policy, "policy"),
@@ -233,7 +234,7 @@ def run(cfg: PPOConfig) -> dict:
         with timed(times, "time_score_s"):
             exp = score_rollout(rollout, roles, n_shared, cfg, accelerator, rm_stats)
             exp.texts = texts
-            exp.seqs.gold = torch.tensor(gold_scorer(texts))  # logged only
+            exp.seqs.gold = torch.tensor(gold_scorer(texts, [prompt_rows[i] for i in idx]))  # logged only
             exp.seqs.group = group.to(device)
         mask, tok = exp.batch.response_mask, exp.tokens
 

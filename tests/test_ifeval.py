@@ -1,0 +1,260 @@
+"""The instruction-following task: its prompt file, its gold scorer (IFEval's checkers, strict) and the rows that
+carry each prompt's instructions through the stages."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from rto.data import DataError
+from rto.tasks import TASKS, Task, get_task, prompts_and_rows, register_task
+from rto.tasks import ifeval as ifeval_task
+from rto.tasks import make_ifeval_prompts as make
+from rto.tasks.ifeval import CheckersMissing, IFEvalScorer, check_row
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    try:
+        return IFEvalScorer()
+    except CheckersMissing as e:  # `make test` installs the extra; a bare `pip install -e .` does not
+        pytest.skip(f"the optional extra rto[ifeval] is not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def file_rows():
+    path = get_task("ifeval").prompts_file
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def row(instruction_id, kwargs=None, prompt="Write a note."):
+    ids = instruction_id if isinstance(instruction_id, list) else [instruction_id]
+    kw = kwargs if isinstance(kwargs, list) else [kwargs or {}]
+    return {"prompt": prompt, "split": "eval", "instruction_id_list": ids, "kwargs": kw}
+
+
+# every kind the prompts use: (kwargs, an answer that follows it, one that does not), written by hand
+CASES = {
+    make.NO_COMMA: ({}, "Thanks for watering the plants while I was away.", "Thanks, neighbour, for the help."),
+    make.LOWER: ({}, "please remember to bring the chocolate cake to the party on saturday evening.",
+                 "Please remember to bring the chocolate cake to the party on Saturday evening."),
+    # (langdetect, which the case checkers consult, reads some all-caps English as another language)
+    make.UPPER: ({}, "THANK YOU FOR WATERING MY PLANTS WHILE I WAS AWAY ON HOLIDAY.",
+                 "THANK YOU for watering my plants while I was away on holiday."),
+    make.WORDS: ({"num_words": 10, "relation": "less than"}, "The bus leaves at eight tomorrow.",
+                 "The bus leaves at eight tomorrow morning so please be at the stop early today."),
+    make.PARAGRAPHS: ({"num_paragraphs": 2}, "The garden needs water.\n\n***\n\nThe tomatoes are ripe.",
+                      "The garden needs water. The tomatoes are ripe."),
+    make.KEYWORD: ({"keywords": ["today", "soon"]}, "Come by today and see you soon.", "Come by tomorrow."),
+    make.FORBIDDEN: ({"forbidden_words": ["garden"]}, "The plants look lovely.", "The Garden looks lovely."),
+    make.FREQUENCY: ({"keyword": "soon", "frequency": 2, "relation": "at least"}, "Soon, very soon.",
+                     "See you soon."),
+    make.END: ({"end_phrase": "See you soon!"}, "The party starts at six. See you soon!",
+               "See you soon! The party starts at six."),
+    make.QUOTES: ({}, '"Bring an umbrella tomorrow."', "Bring an umbrella tomorrow."),
+    make.TITLE: ({}, "<<Lost cat>>\nHave you seen a grey cat?", "Lost cat: have you seen a grey cat?"),
+    make.BULLETS: ({"num_bullets": 3}, "* eggs\n* milk\n* bread", "* eggs\n* milk"),
+    make.JSON: ({}, '{"note": "The bins go out on Tuesday."}', "The bins go out on Tuesday."),
+    make.HIGHLIGHTS: ({"num_highlights": 2}, "Bring *gloves* and *a spade*.", "Bring *gloves* and a spade."),
+    make.POSTSCRIPT: ({"postscript_marker": "P.S."}, "See you at noon.\nP.S. Bring snacks.", "See you at noon."),
+    make.PLACEHOLDERS: ({"num_placeholders": 2}, "Dear [name], meet me at [place].",
+                        "Dear [name], meet me at the park."),
+}
+
+
+def test_every_kind_the_prompts_use_has_a_case(file_rows):
+    used = {i for r in file_rows for i in r["instruction_id_list"]}
+    assert used == set(CASES) == set(make.KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_each_kind_passes_and_fails(scorer, kind):
+    kwargs, good, bad = CASES[kind]
+    assert scorer([good, bad], [row(kind, kwargs)] * 2) == [1.0, 0.0]
+
+
+def test_more_cases_of_some_kinds(scorer):
+    cases = [
+        (make.WORDS, {"num_words": 5, "relation": "at least"}, "Please bring the ladder back.", "Hi there."),
+        (make.POSTSCRIPT, {"postscript_marker": "P.P.S"}, "Hello.\nP.P.S. One more thing.", "Hello.\nP.S. Hi."),
+        (make.JSON, {}, '```json\n{"a": 1}\n```', '{"a": 1'),  # IFEval strips a markdown fence
+        (make.FORBIDDEN, {"forbidden_words": ["rain"]}, "A rainy day.", "Rain again."),  # whole words only
+    ]
+    for kind, kwargs, good, bad in cases:
+        assert scorer([good, bad], [row(kind, kwargs)] * 2) == [1.0, 0.0], kind
+
+
+def test_score_is_the_share_of_instructions_followed(scorer):
+    two = row([make.NO_COMMA, make.KEYWORD], [{}, {"keywords": ["today"]}])
+    assert scorer(["See you today.", "See you, today.", "Bye, friend.", ""], [two] * 4) == [1.0, 0.5, 0.0, 0.0]
+    assert scorer.check(["See you, today."], [two]) == [[(make.NO_COMMA, False), (make.KEYWORD, True)]]
+    assert scorer([], []) == []
+    assert scorer.name == "ifeval"
+
+
+def test_by_kind_lists_every_instruction_in_order(scorer):
+    two = row([make.NO_COMMA, make.KEYWORD], [{}, {"keywords": ["today"]}])
+    one = row(make.NO_COMMA)
+    kinds = scorer.by_kind(["See you, today.", "No commas here", "Bye, friend."], [two, one, two])
+    assert kinds == {make.KEYWORD: [True, False], make.NO_COMMA: [False, True, False]}
+
+
+def test_scores_are_deterministic(scorer, file_rows):
+    texts = ["ok thanks see you", "merci beaucoup", "the cat is back home", "LOST CAT FOUND",
+             "ja", "hello there friend"] * 2
+    for kind in (make.LOWER, make.UPPER):
+        rows = [row(kind)] * len(texts)
+        first = scorer(texts, rows)
+        assert all(IFEvalScorer()(texts, rows) == first for _ in range(3))
+    rows = file_rows[:40]
+    texts = [f"answer {i}, with *some* [text]\n* a\n* b" for i in range(len(rows))]
+    assert scorer(texts, rows) == IFEvalScorer()(texts, rows)
+
+
+def test_bad_rows_stop_with_one_line(scorer):
+    with pytest.raises(ValueError, match="unknown instruction id 'no:such'"):
+        scorer(["hi"], [row("no:such")])
+    with pytest.raises(ValueError, match="refuses the kwargs") as e:
+        scorer(["hi"], [row(make.BULLETS, {"bullets": 3})])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="2 answers but 1 prompt rows"):
+        scorer(["a", "b"], [row(make.NO_COMMA)])
+    with pytest.raises(ValueError, match="'kwargs' is missing"):
+        scorer(["a"], [{"prompt": "x", "instruction_id_list": [make.NO_COMMA]}])
+
+
+def test_check_row():
+    assert check_row(row(make.NO_COMMA)) is None
+    assert check_row({"prompt": "x"}) == "field 'instruction_id_list' is missing"
+    assert "non-empty list" in check_row({"instruction_id_list": [], "kwargs": []})
+    assert "one object per instruction" in check_row({"instruction_id_list": ["a", "b"], "kwargs": [{}]})
+    assert "list of objects" in check_row({"instruction_id_list": ["a"], "kwargs": ["x"]})
+
+
+def test_missing_extra_is_one_line(monkeypatch):
+    monkeypatch.setattr(ifeval_task, "REGISTRY_MODULE", "no_such_checker_module.registry")
+    with pytest.raises(CheckersMissing) as e:
+        get_task("ifeval").gold_scorer()
+    message = str(e.value)
+    assert "\n" not in message and "rto[ifeval]" in message and "pip install" in message
+    assert isinstance(e.value, ValueError)  # the command line prints it as one line, exit status 2
+
+
+# --- the prompt file -----------------------------------------------------------------------------------------
+
+def test_prompt_file_counts(file_rows):
+    splits = Counter(r["split"] for r in file_rows)
+    assert splits == {"train": 1000, "eval": 150}
+    task = get_task("ifeval")
+    assert len(task.prompts("train")) == 1000 and len(task.prompts("eval")) == 150
+    assert len({r["prompt"] for r in file_rows}) == len(file_rows)
+    for r in file_rows:
+        assert set(r) == {"prompt", "topic", "request", "split", "instruction_id_list", "kwargs"}
+        assert r["topic"] in r["prompt"] and 1 <= len(r["instruction_id_list"]) <= 2
+        assert len(set(r["instruction_id_list"])) == len(r["instruction_id_list"])
+        assert check_row(r) is None
+    counts = Counter(i for r in file_rows for i in r["instruction_id_list"])
+    assert min(counts.values()) >= 50  # every kind is well represented
+    eval_kinds = {i for r in file_rows if r["split"] == "eval" for i in r["instruction_id_list"]}
+    assert eval_kinds == set(make.KINDS)
+
+
+def test_eval_topics_are_unseen_in_train(file_rows):
+    train = {r["topic"] for r in file_rows if r["split"] == "train"}
+    evals = {r["topic"] for r in file_rows if r["split"] == "eval"}
+    assert len(train) == 100 and len(evals) == 15 and not train & evals
+    for topic in evals:  # each eval topic comes with every request
+        assert {r["request"] for r in file_rows if r["topic"] == topic} == set(make.REQUESTS)
+
+
+def test_prompt_file_is_regenerated_byte_for_byte(tmp_path):
+    out = make.write(tmp_path / "p.jsonl")
+    assert out.read_bytes() == get_task("ifeval").prompts_file.read_bytes()
+    assert make.make_rows(1) != make.make_rows(2)
+
+
+def test_no_prompt_pairs_conflicting_kinds(file_rows):
+    for r in file_rows:
+        ids = r["instruction_id_list"]
+        if len(ids) == 2:
+            assert (ids[0], ids[1]) not in make.CONFLICTS, r["prompt"]
+
+
+def test_every_row_is_accepted_by_its_checkers(scorer, file_rows):
+    results = scorer.check(["x"] * len(file_rows), file_rows)  # builds every checker with the row's kwargs
+    assert [len(r) for r in results] == [len(r["instruction_id_list"]) for r in file_rows]
+
+
+def test_the_prompts_are_not_trivially_followed(scorer, file_rows):
+    scores = scorer(["Sure."] * len(file_rows), file_rows)
+    assert 0.1 < sum(scores) / len(scores) < 0.7  # some constraints hold for a bare answer, most do not
+
+
+# --- rows carried to the scorer --------------------------------------------------------------------------------
+
+def test_rows_follow_their_prompts():
+    task = get_task("ifeval")
+    for split in ("train", "eval"):
+        prompts, rows = task.prompts(split), task.rows(split)
+        assert [p[0]["content"] for p in prompts] == [r["prompt"] for r in rows]
+    prompts, rows = prompts_and_rows("ifeval", None, "eval", 20, seed=3)
+    assert len(prompts) == len(rows) == 20
+    assert [p[0]["content"] for p in prompts] == [r["prompt"] for r in rows]
+
+
+def test_a_prompt_file_must_carry_the_instructions(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(row(make.NO_COMMA)) + "\n" + json.dumps({"prompt": "Say hi."}) + "\n")
+    with pytest.raises(DataError) as e:
+        prompts_and_rows("ifeval", str(path), "train", None, 0)
+    message = str(e.value)
+    assert message.startswith(f"{path}:2: field 'instruction_id_list' is missing") and "\n" not in message
+    assert "ifeval" in message
+    # the sentiment task reads no rows: the same file is fine there
+    prompts, rows = prompts_and_rows("sentiment", str(path), "train", None, 0)
+    assert len(prompts) == len(rows) == 2
+    path.write_text(json.dumps(row(make.NO_COMMA)) + "\n")
+    prompts, rows = prompts_and_rows("ifeval", str(path), "train", None, 0)
+    assert rows[0]["instruction_id_list"] == [make.NO_COMMA]
+
+
+class _Recorder:
+    """Gold score = the prompt row's "id" plus a small text-length term (so samples of a prompt rarely tie)."""
+
+    name = "recorder"
+
+    def __call__(self, texts, rows):
+        return [float(r["id"]) + len(t) / 1000 for t, r in zip(texts, rows)]
+
+
+@pytest.fixture
+def id_task(tmp_path):
+    path = tmp_path / "ids.jsonl"
+    rows = [{"prompt": f"Say something about number {i}.", "split": split, "id": i} for i, split in
+            enumerate(["train", "eval"] * 8)]
+    rows.insert(3, {"prompt": "long " * 300, "split": "train", "id": 99})  # skipped by max_prompt_tokens
+    rows.insert(5, {"prompt": "long " * 300, "split": "eval", "id": 98})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = register_task(Task("ids", "rows carried", path, _Recorder, check_row=lambda r: None if "id" in r else
+                              "field 'id' is missing"))
+    yield task, {r["prompt"]: r["id"] for r in rows}
+    TASKS.pop("ids")
+
+
+def test_stages_score_each_answer_with_its_own_row(tmp_path, tiny_model, id_task):
+    from rto.stages import eval as eval_stage
+    from rto.stages import pairs
+
+    _, id_of = id_task
+    pairs.run(pairs.PairsConfig(out=str(tmp_path / "p"), policy=tiny_model, task="ids", num_prompts=None,
+                                samples_per_prompt=3, max_new_tokens=6, progress=False, max_prompt_tokens=64))
+    made = [json.loads(line) for line in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
+    assert made
+    for p in made:
+        assert int(p["chosen_score"]) == int(p["rejected_score"]) == id_of[p["prompt"][-1]["content"]]
+    eval_stage.run(eval_stage.EvalConfig(out=str(tmp_path / "e"), models=[f"sft={tiny_model}"], ref=tiny_model,
+                                         task="ids", num_prompts=None, max_new_tokens=4, progress=False,
+                                         heatmaps=0, max_prompt_tokens=64))
+    samples = [json.loads(line) for line in (tmp_path / "e" / "samples" / "sft.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
+    assert all(int(s["gold"]) == id_of[s["prompt"]] for s in samples)
