@@ -258,3 +258,42 @@ def test_stages_score_each_answer_with_its_own_row(tmp_path, tiny_model, id_task
     samples = [json.loads(line) for line in (tmp_path / "e" / "samples" / "sft.jsonl").read_text().splitlines()]
     assert len(samples) == 8
     assert all(int(s["gold"]) == id_of[s["prompt"]] for s in samples)
+
+
+def test_eval_and_report_count_each_instruction_kind(tmp_path, tiny_model, scorer, file_rows):
+    from rto.stages import eval as eval_stage
+    from rto.stages import report
+
+    eval_stage.run(eval_stage.EvalConfig(out=str(tmp_path / "e"), models=[f"sft={tiny_model}", f"b={tiny_model}"],
+                                         ref=tiny_model, task="ifeval", num_prompts=6, max_new_tokens=4,
+                                         progress=False, heatmaps=0))
+    ev = json.loads((tmp_path / "e" / "eval.json").read_text())
+    _, rows = prompts_and_rows("ifeval", None, "eval", 6, 0)
+    asked = Counter(i for r in rows for i in r["instruction_id_list"])
+    for label in ("sft", "b"):
+        assert {k: c["asked"] for k, c in ev["by_kind"][label].items()} == dict(asked)
+        # every followed instruction shows in the gold scores: sum over prompts of share * count = followed
+        samples = [json.loads(line) for line in (tmp_path / "e" / "samples" / f"{label}.jsonl").read_text().splitlines()]
+        followed = sum(round(s["gold"] * len(r["instruction_id_list"])) for s, r in zip(samples, rows))
+        assert followed == sum(c["followed"] for c in ev["by_kind"][label].values())
+    report.run(report.ReportConfig(out=str(tmp_path / "e"), eval=str(tmp_path / "e")))
+    md = (tmp_path / "e" / "report.md").read_text()
+    assert "## Per instruction kind" in md and all(f"| {kind} |" in md for kind in asked)
+
+
+def test_the_ifeval_recipe_is_the_demo_on_this_task():
+    from importlib import resources
+
+    import yaml
+
+    from rto.stages.pipeline import stage_configs
+
+    recipes = resources.files("rto.recipes")
+    configs = {name: cfg for name, _, cfg in stage_configs(yaml.safe_load(recipes.joinpath("ifeval.yaml").read_text()),
+                                                          "ifeval.yaml", {})}
+    demo = {name: cfg for name, _, cfg in stage_configs(yaml.safe_load(recipes.joinpath("demo.yaml").read_text()),
+                                                        "demo.yaml", {})}
+    assert list(configs) == list(demo)
+    assert all(configs[n].task == "ifeval" for n in ("pairs", "ppo", "rto", "eval"))
+    for name in ("ppo", "rto"):  # the same PPO budget as the demo
+        assert (configs[name].iterations, configs[name].rollout_size) == (demo[name].iterations, demo[name].rollout_size)

@@ -120,6 +120,17 @@ def _pairwise_html(pairwise: list[dict]) -> str:
             + "</tbody></table>")
 
 
+def _by_kind_cells(by_kind: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """Rows: instruction kinds; columns: models; cells 'followed/asked (share)'."""
+    models = list(by_kind)
+    kinds = sorted({kind for counts in by_kind.values() for kind in counts})
+
+    def cell(c: dict | None) -> str:
+        return "–" if not c else f"{c['followed']}/{c['asked']} ({c['followed'] / c['asked']:.2f})"
+
+    return ["instruction kind", *models], [[kind, *(cell(by_kind[m].get(kind)) for m in models)] for kind in kinds]
+
+
 def _table_html(table: list[dict], baseline: str | None) -> str:
     headers, rows, leg = _table_cells(table or [], baseline)
     e = html.escape
@@ -325,6 +336,17 @@ def write_report(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
                  "and a's win rate over b (ties count half); the first line is the headline comparison.")
         md += ["## Paired comparisons", "", intro, "", format_pairwise_markdown(results["pairwise"])]
         ht += ["<h2>Paired comparisons</h2>", f"<p>{e(intro)}</p>", _pairwise_html(results["pairwise"])]
+
+    if results.get("by_kind"):
+        intro = "Constraints followed per instruction kind (followed / asked, and the share), for each model."
+        headers, rows = _by_kind_cells(results["by_kind"])
+        md += ["## Per instruction kind", "", intro, "", "| " + " | ".join(headers) + " |",
+               "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+        md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+        ht += ["<h2>Per instruction kind</h2>", f"<p>{e(intro)}</p>", "<table><thead><tr>"
+               + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr></thead><tbody>"
+               + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+               + "</tbody></table>"]
 
     if curves_png:
         md += ["## Training curves", "", "![training curves](plots/curves.png)", ""]

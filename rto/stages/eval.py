@@ -134,7 +134,7 @@ def run(cfg: EvalConfig) -> dict:
     rm_mean, rm_std = (rm.reward_stats() if rm else None) or (0.0, 1.0)
     probe = probe_batch(prompt_ids, tokenizer.pad_token_id).to(device)
 
-    results, heatmaps, samples = {}, [], []
+    results, heatmaps, samples, by_kind = {}, [], [], {}
     for label, path in specs:
         same_as_ref = resolve_model(path) == resolve_model(cfg.ref)
         model = ref if same_as_ref else load_causal_lm(path, cfg.trust_remote_code, role=f"model {label}").to(device).eval()
@@ -144,6 +144,9 @@ def run(cfg: EvalConfig) -> dict:
                            desc=f"eval {label}", progress=cfg.progress)
         texts = decode_responses(tokenizer, rollout.response_ids)
         gold = torch.tensor(scorer(texts, prompt_rows), dtype=torch.float64)
+        if hasattr(scorer, "by_kind"):  # a task whose gold score is made of parts (ifeval: one per instruction kind)
+            by_kind[label] = {kind: {"followed": sum(oks), "asked": len(oks)}
+                              for kind, oks in scorer.by_kind(texts, prompt_rows).items()}
         heat_dpo = dpo if label == heat_label else None
         roles = [m for m in (model, ref, rm, heat_dpo) if m is not None]
         scored = score_sequences(
@@ -196,6 +199,7 @@ def run(cfg: EvalConfig) -> dict:
         table.append(row)
     pairwise = paired_comparisons({label: results[label]["gold"] for label in labels}, labels, cfg.headline)
     report = {"table": table, "baseline": baseline, "pairwise": pairwise, "heatmaps": heatmaps, "samples": samples,
+              **({"by_kind": by_kind} if by_kind else {}),
               "n_prompts": len(prompts), "seed": cfg.seed, "temperature": cfg.temperature,
               "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k, "top_p": cfg.top_p, "task": cfg.task}
     (run_.dir / "eval.json").write_text(json.dumps(report, indent=2))
