@@ -45,13 +45,18 @@ def _select(record, index):
                               if getattr(record, f.name) is not None})
 
 
+def _pick(items: list | None, index: torch.Tensor) -> list | None:
+    return None if items is None else [items[i] for i in index.tolist()]
+
+
 @dataclass
 class Experience:
     batch: SeqBatch
     tokens: TokenTensors
     seqs: SequenceTensors
     trunk: torch.Tensor | None = None  # frozen shared hidden states [B, L, H], reused by the update
-    texts: list[str] | None = None  # decoded responses, for logs and reports
+    texts: list[str] | None = None  # decoded responses (reward sources, logs and reports may read them)
+    rows: list[dict] | None = None  # each response's prompt row from the data file (e.g. a task's constraints)
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -62,7 +67,8 @@ class Experience:
             tokens=_select(self.tokens, index),
             seqs=_select(self.seqs, index),
             trunk=None if self.trunk is None else self.trunk[index],
-            texts=None if self.texts is None else [self.texts[i] for i in index.tolist()],
+            texts=_pick(self.texts, index),
+            rows=_pick(self.rows, index),
         )
 
     def minibatches(self, size: int, generator: torch.Generator):

@@ -1,8 +1,8 @@
 """Training losses: PPO policy and value losses (token level) and preference losses (sequence level).
 
 Each loss returns (loss, stats): `loss` is a 0-d tensor to backpropagate, `stats` a dict of
-detached 0-d tensors for logging. PPO losses are masked means over all response tokens of the
-minibatch (dense [B, T] inputs, `mask` 1 on response tokens); whatever the inputs hold outside
+detached 0-d tensors for logging. PPO losses aggregate over the response tokens of the minibatch
+(dense [B, T] inputs, `mask` 1 on response tokens; a masked mean unless `agg` says otherwise); whatever the inputs hold outside
 the mask (even NaN) affects neither the loss nor its gradient. Preference losses (DPO, IPO,
 R-DPO, SimPO, TDPO1/2) take per-sequence [B] quantities: log-probs summed over the response (see
 `sequence_logprob`), response lengths, sequential KL (see `sequential_kl`); PREFERENCE_LOSSES calls
@@ -30,12 +30,37 @@ def sequence_logprob(token_logp: Tensor, mask: Tensor) -> Tensor:
     return masked_sum(token_logp, mask, dim=1)
 
 
+# ---- loss aggregation: how per-token losses [B, T] become one number ----------------------------------
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+
+
+def aggregate(x: Tensor, mask: Tensor, agg: str = "token_mean") -> Tensor:
+    """Per-token losses [B, T] -> a scalar, over the response tokens (mask) of the minibatch:
+
+        token_mean           sum_{b,t} x_bt / sum_b |y_b|        every token weighs the same (default)
+        seq_mean_token_sum   (1/B) sum_b sum_t x_bt              a response weighs by its length
+        seq_mean_token_mean  (1/B) sum_b (1/|y_b|) sum_t x_bt    every response weighs the same
+
+    With dense rewards over responses of different lengths the choice changes what is optimised:
+    seq_mean_token_mean gives each token of a short response more weight than one of a long response.
+    """
+    if agg == "token_mean":
+        return masked_mean(x, mask)
+    if agg == "seq_mean_token_sum":
+        return masked_sum(x, mask, dim=1).mean()
+    if agg == "seq_mean_token_mean":
+        return masked_mean(x, mask, dim=1).mean()
+    raise ValueError(f"unknown loss aggregation {agg!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+
+
 def policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2, agg: str = "token_mean"
 ) -> tuple[Tensor, Stats]:
     """PPO clipped surrogate (Schulman et al. 2017), ratio = pi(y_t) / pi_old(y_t):
 
-        loss = masked_mean( max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip, 1 + clip)) )
+        loss = aggregate( max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip, 1 + clip)) )
+
+    aggregate is a masked mean over response tokens by default (see `aggregate` for the others).
 
     stats: clipfrac (fraction of response tokens where the clipped term is strictly larger, so
     the gradient is cut), approx_kl (masked mean of the k2 estimator 0.5 * (log pi - log pi_old)^2
@@ -50,7 +75,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), on)
+    loss = aggregate(torch.maximum(unclipped, clipped), on, agg)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), on),
@@ -61,11 +86,12 @@ def policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = 0.2
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = 0.2,
+    agg: str = "token_mean",
 ) -> tuple[Tensor, Stats]:
     """Clipped value loss, v_clipped = old_v + clip(v - old_v, -clip, +clip):
 
-        loss = 0.5 * masked_mean( max((v - R)^2, (v_clipped - R)^2) )
+        loss = 0.5 * aggregate( max((v - R)^2, (v_clipped - R)^2) )   (a masked mean by default)
 
     clip=None gives the plain 0.5 * masked MSE. stats: vf_clipfrac (fraction of response tokens
     where the clipped term is strictly larger).
@@ -82,7 +108,7 @@ def value_loss(
     else:
         values_clipped = old_values + (values - old_values).clamp(-clip, clip)
         clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), on)
+    loss = 0.5 * aggregate(torch.maximum(unclipped, clipped), on, agg)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), on)}
     return loss, stats

@@ -9,12 +9,16 @@ tokens. Rewards are rollout data: compute them under `torch.no_grad()`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
 from rto.advantages import masked_sum, require_dense, require_same_shape
+
+if TYPE_CHECKING:
+    from rto.experience import Experience
 
 
 def kl_k1(logp: Tensor, logp_ref: Tensor) -> Tensor:
@@ -183,6 +187,26 @@ def _require_finite(**betas: float) -> None:
             raise ValueError(f"{name} must be finite, got {beta}")
 
 
+# ---- the terms of eq. 4.7, shared by token_rewards and compose_rewards ----------------------------
+def dense_term(dense: Tensor, mask: Tensor, weight: float, clip: float | None, granularity: str = "token",
+               ends: Tensor | None = None) -> Tensor:
+    """A dense reward term as paid: place(clip(weight * dense_t, +-clip)) at `granularity` (place_dpo_reward).
+    The clip applies per token to the weighted value (RTO's dpo_clip); 0 outside the mask."""
+    on = mask.bool()
+    scaled = torch.where(on, clip_symmetric(weight * dense, clip), torch.zeros_like(dense))
+    return place_dpo_reward(scaled, mask, granularity, ends)
+
+
+def sparse_term(score: Tensor, mask: Tensor, weight: float, clip: float | None) -> Tensor:
+    """A per-response score [B] paid on the last response token: [t == H] * weight * clip(score, +-clip)."""
+    return weight * place_on_last_token(clip_symmetric(score, clip), mask)
+
+
+def kl_term(logp: Tensor, logp_ref: Tensor, mask: Tensor, beta_kl: float) -> Tensor:
+    """The KL penalty -beta_kl * (log pi(y_t) - log pi_ref(y_t)) (k1, see token_rewards); 0 outside the mask."""
+    return torch.where(mask.bool(), -beta_kl * kl_k1(logp, logp_ref), torch.zeros_like(logp))
+
+
 def token_rewards(
     logp: Tensor,
     logp_ref: Tensor,
@@ -210,7 +234,8 @@ def token_rewards(
     with the DPO term paid at `granularity` (place_dpo_reward): "token" is eq. 4.7 as written (RTO);
     "sentence" (Semi-RTO, needs `sentence_ends` [B, T] bool), "delayed" and "shaping" (RS-PPO) move it.
     per_term=True returns the three terms stacked, [3, B, T] in the order (DPO as placed, -beta_kl * KL,
-    RM): r = dpo + kl + rm. Default: r itself, [B, T].
+    RM): r = dpo + kl + rm. Default: r itself, [B, T]. The PPO stage builds the same sum from reward
+    sources (compose_rewards: the "dpo" and "rm" sources with weights beta_dpo and beta_rm).
 
     pi is the policy being trained and pi_ref the SFT model. pi_ref is both the KL reference and
     the model pi_dpo was trained against with DPO (there is no separate "DPO reference").
@@ -226,7 +251,7 @@ def token_rewards(
       (rho = pi_ref / pi) it is E_pi[(1 - rho) grad log pi] = -sum_y pi_ref(y) grad log pi(y) != 0, so
       the gradient is biased; k2 and k3 belong in a loss term that is differentiated directly.
     - logp_dpo=None drops the DPO term (classic sparse PPO); rm_score=None drops the sentence term.
-    - rm_score is per-sequence [B], already normalised by the caller ((r - mu) / sigma).
+    - rm_score is per-sequence [B], already normalised by the caller (normalised_rm_score).
     - dpo_clip caps the scaled DPO term per token (0.05 as in the authors' public script, which
       caps the raw log-ratio at +-1 nat; the paper does not mention it); rm_clip caps the score.
       None means no clip. A beta of 0 switches its term off; it never means "unscaled".
@@ -235,33 +260,156 @@ def token_rewards(
     Returns dense rewards [B, T] (or [3, B, T] with per_term).
     """
     require_dense(logp=logp, logp_ref=logp_ref, mask=mask)
-    if logp_dpo is not None:
-        require_same_shape(logp=logp, logp_dpo=logp_dpo)
     _require_finite(beta_dpo=beta_dpo, beta_kl=beta_kl, beta_rm=beta_rm)
+    _check_kl_and_granularity(kl_estimator, granularity)
     zeros = torch.zeros_like(logp)
-
-    if kl_estimator != "k1":
-        raise ValueError(f"the KL penalty in the reward must use the k1 estimator, got {kl_estimator!r}: as a "
-                         "reward, k2 and k3 give a biased policy gradient (see rto.rewards.token_rewards)")
-    if logp_ref_t1 is not None:
-        require_same_shape(logp=logp, logp_ref_t1=logp_ref_t1)
-    ref_t1 = logp_ref if logp_ref_t1 is None else logp_ref_t1
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
-    on = mask.bool()
-
-    dpo = zeros  # the dense DPO token reward, paid at `granularity`
+    dpo = zeros
     if logp_dpo is not None:
-        dense_dpo = torch.where(on, dpo_token_reward(logp_dpo, ref_t1, beta_dpo, dpo_clip), zeros)
-        dpo = place_dpo_reward(dense_dpo, mask, granularity, sentence_ends)
-    kl = -beta_kl * kl_k1(logp, logp_ref)  # the KL penalty
-    rm = zeros  # the reward-model score on the last token
-    if rm_score is not None:
-        rm = beta_rm * place_on_last_token(clip_symmetric(rm_score, rm_clip), mask).to(logp.dtype)
-    dpo, kl, rm = (torch.where(on, term, zeros) for term in (dpo, kl, rm))
+        ref_t1 = logp_ref if logp_ref_t1 is None else logp_ref_t1
+        require_same_shape(logp=logp, logp_dpo=logp_dpo, logp_ref_t1=ref_t1)
+        dpo = dense_term(logp_dpo - ref_t1, mask, beta_dpo, dpo_clip, granularity, sentence_ends)
+    kl = kl_term(logp, logp_ref, mask, beta_kl)
+    rm = zeros if rm_score is None else sparse_term(rm_score, mask, beta_rm, rm_clip).to(logp.dtype)
 
     rewards = dpo + kl + rm  # eq. 4.7
     return torch.stack([dpo, kl, rm]) if per_term else rewards
+
+
+def _check_kl_and_granularity(kl_estimator: str, granularity: str) -> None:
+    if kl_estimator != "k1":
+        raise ValueError(f"the KL penalty in the reward must use the k1 estimator, got {kl_estimator!r}: as a "
+                         "reward, k2 and k3 give a biased policy gradient (see rto.rewards.token_rewards)")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+
+
+# ---- reward sources: one contract for everything that pays reward ---------------------------------
+@dataclass(frozen=True)
+class RewardSource:
+    """Something that pays reward: `reward(exp)` maps a scored rollout (rto.experience.Experience) to
+    unweighted [B, T] rewards on its response tokens (0 on padding).
+
+    dense   True: a per-token reward, weighted, clipped per token by --dpo_clip and paid at --granularity;
+            False: a per-response score placed on the last token (its [B, T] output is read there), clipped
+            by --rm_clip and never moved by the granularity.
+    needs_dpo_model  the source reads exp.tokens.logp_dpo (log pi_dpo at temperature 1), so PPO loads
+            --dpo_model and scores it.
+    """
+
+    name: str
+    reward: Callable[["Experience"], Tensor]
+    dense: bool = True
+    needs_dpo_model: bool = False
+
+
+REWARD_SOURCES: dict[str, RewardSource] = {}
+
+
+def register_source(name: str, *, dense: bool = True, needs_dpo_model: bool = False):
+    """Decorator: register `fn(exp) -> [B, T]` as the reward source `name` (usable in PPO's --sources)."""
+    def add(fn: Callable[["Experience"], Tensor]) -> Callable[["Experience"], Tensor]:
+        if name in REWARD_SOURCES or name == "kl":
+            raise ValueError(f"a reward source named {name!r} exists already")
+        REWARD_SOURCES[name] = RewardSource(name, fn, dense, needs_dpo_model)
+        return fn
+    return add
+
+
+def _dpo_logp(exp: "Experience") -> Tensor:
+    if exp.tokens.logp_dpo is None:
+        raise ValueError("this reward source reads log pi_dpo: score the rollout with the DPO model (--dpo_model)")
+    return exp.tokens.logp_dpo
+
+
+@register_source("dpo", needs_dpo_model=True)
+def dpo_implicit_reward(exp: "Experience") -> Tensor:
+    """log pi_dpo(y_t|s_t) - log pi_ref(y_t|s_t), both at temperature 1: the token-level implicit reward of a
+    model trained against pi_ref with a reference-based loss (DPO, IPO, R-DPO, TDPO), up to its beta."""
+    ref_t1 = exp.tokens.logp_ref if exp.tokens.logp_ref_t1 is None else exp.tokens.logp_ref_t1
+    mask = exp.batch.response_mask
+    return torch.where(mask.bool(), _dpo_logp(exp) - ref_t1, torch.zeros_like(ref_t1))
+
+
+@register_source("simpo", needs_dpo_model=True)
+def simpo_implicit_reward(exp: "Experience") -> Tensor:
+    """log pi_simpo(y_t|s_t) / |y| at temperature 1: SimPO's reference-free, length-normalised reward
+    (beta / |y|) * log pi(y|x) spread over the tokens, up to its beta; summed over a response it is the mean
+    token log-prob."""
+    mask = exp.batch.response_mask
+    length = mask.sum(-1, keepdim=True).clamp(min=1)
+    logp_dpo = _dpo_logp(exp)
+    return torch.where(mask.bool(), logp_dpo / length, torch.zeros_like(logp_dpo))
+
+
+@register_source("rm", dense=False)
+def reward_model_score(exp: "Experience") -> Tensor:
+    """The reward model's normalised score of each response (exp.seqs.rm_score, see normalised_rm_score) on
+    its last token: the sparse term of classic RLHF."""
+    return place_on_last_token(exp.seqs.rm_score, exp.batch.response_mask)
+
+
+def normalised_rm_score(rm_raw: Tensor, stats: tuple[float, float], ended: Tensor,
+                        missing_eos_penalty: float | None = None) -> Tensor:
+    """(rm_raw - mu) / sigma with the reward model's training statistics (mu, sigma), minus
+    `missing_eos_penalty` for each response that did not end with EOS (None: no penalty). [B] -> [B]."""
+    mean, std = stats
+    score = (rm_raw - mean) / std
+    if missing_eos_penalty is not None:
+        score = torch.where(ended.bool(), score, score - missing_eos_penalty)
+    return score
+
+
+def check_sources(weights: dict[str, float]) -> None:
+    """Every name a registered reward source, every weight finite; one-line errors naming what is wrong."""
+    unknown = sorted(set(weights) - set(REWARD_SOURCES))
+    if unknown:
+        raise ValueError(f"unknown reward source(s) {unknown}; registered: {', '.join(REWARD_SOURCES)} "
+                         "(add one with rto.rewards.register_source)")
+    _require_finite(**{f"weight of {name!r}": float(w) for name, w in weights.items()})
+
+
+@dataclass
+class RewardTerms:
+    """The rewards of one rollout, term by term as paid ([B, T] each; r = their sum), and per dense source
+    the share of response tokens its per-token clip cut."""
+
+    terms: dict[str, Tensor]
+    clipfrac: dict[str, float]
+
+    @property
+    def total(self) -> Tensor:
+        return torch.stack(list(self.terms.values())).sum(0)
+
+
+def compose_rewards(exp: "Experience", weights: dict[str, float], *, beta_kl: float, dense_clip: float | None,
+                    sparse_clip: float | None, granularity: str = "token", ends: Tensor | None = None) -> RewardTerms:
+    """Token rewards from weighted reward sources plus the KL penalty:
+
+        r_t = sum_{dense s}  place(clip(w_s * s_t, +-dense_clip))            # at `granularity`
+            + sum_{sparse s} [t == H] * w_s * clip(s_H, +-sparse_clip)        # on the last token
+            - beta_kl * (log pi(y_t) - log pi_ref(y_t))                       # k1, at the sampling temperature
+
+    RTO (eq. 4.7, token_rewards) is weights {"dpo": beta_dpo, "rm": beta_rm}; classic PPO is {"rm": beta_rm}.
+    Returns every term (named by its source, plus "kl") and the clip fraction of each dense source.
+    """
+    check_sources(weights)
+    _check_kl_and_granularity("k1", granularity)
+    mask = exp.batch.response_mask
+    terms, clipfrac = {}, {}
+    for name, weight in weights.items():
+        source = REWARD_SOURCES[name]
+        reward = source.reward(exp)
+        require_same_shape(mask=mask, **{name: reward})
+        if source.dense:
+            terms[name] = dense_term(reward, mask, weight, dense_clip, granularity, ends)
+            if dense_clip is not None:
+                cut = ((weight * reward).abs() > dense_clip) & mask.bool()
+                clipfrac[name] = float(cut.sum() / mask.sum().clamp(min=1))
+        else:
+            terms[name] = sparse_term(reward.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1), mask,
+                                      weight, sparse_clip).to(reward.dtype)
+    terms["kl"] = kl_term(exp.tokens.logp, exp.tokens.logp_ref, mask, beta_kl)
+    return RewardTerms(terms, clipfrac)
 
 
 def sequence_kl(logp: Tensor, logp_ref: Tensor, mask: Tensor) -> Tensor:

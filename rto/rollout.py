@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from rto.decoding import sample
 from rto.sequences import (SeqBatch, collate, critic_values, cut_at_eos, entropy_from_logits, logprobs_from_logits,
                            response_logits, sequence_scores, shared_trunk, token_logprobs, token_values)
 
@@ -163,15 +164,35 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     """Sample one response per prompt, batched: pure sampling at `temperature` by default (top_k 0, top_p 1,
     no repetition penalty, whatever the model's generation_config says; see sampling_config).
 
-    Prompts are sorted by length so each generation batch wastes little padding; the results come back
-    in the input order. With return_logprobs, the log-prob of each sampled token under the distribution it
-    was sampled from (log_softmax(logits / temperature) of the generation's own logits) comes back too.
+    Pure sampling and greedy decoding run rto.decoding.sample (shared prompt prefixes run once, finished rows
+    leave the batch, each row's noise from its own generator seeded from the global RNG); top_k > 0 or
+    top_p < 1 go through transformers' generate. Prompts are sorted by length into batches of `batch_size`;
+    the results come back in the input order. With return_logprobs, the log-prob of each sampled token under
+    the distribution it was sampled from (log_softmax(logits / temperature)) comes back too.
     """
-    device = next(model.parameters()).device
+    if top_k or top_p < 1.0:
+        return _generate_transformers(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
+                                      batch_size=batch_size, autocast=autocast, desc=desc, progress=progress,
+                                      return_logprobs=return_logprobs)
     eos = eos_ids(model, tokenizer)
-    config = sampling_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             greedy=greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
-                             output_logits=return_logprobs)
+    seeds = None if greedy else torch.randint(0, 2**62, (len(prompt_ids),)).tolist()
+
+    def decode(idx: list[int]):
+        tokens, done, logps = sample(model, [prompt_ids[i] for i in idx], max_new_tokens=max_new_tokens,
+                                     eos_ids=eos, pad_id=tokenizer.pad_token_id, temperature=temperature,
+                                     greedy=greedy, seeds=None if greedy else [seeds[i] for i in idx],
+                                     autocast=autocast)
+        return zip(tokens, done, logps)
+
+    return _in_batches(model, tokenizer, prompt_ids, batch_size, desc, progress, decode, return_logprobs)
+
+
+def _in_batches(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, desc: str, progress: bool, decode,
+                return_logprobs: bool) -> Rollout:
+    """Prompts sorted by length into batches of `batch_size`, each decoded by `decode(indices)` -> one
+    (response ids cut after EOS, ended, sampled log-probs) per row, in eval mode; a Rollout in input order
+    (an empty response becomes the EOS token alone)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
@@ -179,34 +200,57 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     sampled_logp: list[list[float] | None] = [None] * len(prompt_ids)
     ended = torch.zeros(len(prompt_ids), dtype=torch.bool)
     bar = tqdm(total=len(prompt_ids), desc=desc, unit="seq", disable=not progress, leave=False)
-    with _neutral_generation_config(model):
+    try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in idx]}, return_tensors="pt", padding_side="left")
-            with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
-                out = model.generate(
-                    input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                    generation_config=config,
-                )
-            new = out.sequences[:, enc["input_ids"].shape[1] :]
-            if return_logprobs:  # [b, steps]: log pi_T of the token drawn at each step
-                logits = torch.stack(out.logits, 1).float() / (1.0 if greedy else temperature)
-                picked = logits.gather(-1, new.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-            for row, i in enumerate(idx):
-                tokens, ended[i] = cut_at_eos(new[row].tolist(), eos)
-                responses[i] = tokens or [tokenizer.eos_token_id]
-                if return_logprobs:
-                    sampled_logp[i] = picked[row, : len(tokens)].tolist()
+            for i, (tokens, done, logps) in zip(idx, decode(idx)):
+                responses[i], ended[i], sampled_logp[i] = tokens or [tokenizer.eos_token_id], done, logps
             bar.update(len(idx))
-    bar.close()
-    model.train(was_training)
-    batch = collate(prompt_ids, responses, tokenizer.pad_token_id)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return _rollout(prompt_ids, responses, ended, tokenizer.pad_token_id, sampled_logp if return_logprobs else None)
+
+
+def _rollout(prompt_ids, responses, ended, pad_id: int, sampled_logp: list[list[float]] | None) -> Rollout:
+    batch = collate(prompt_ids, responses, pad_id)
     rollout = Rollout(batch=batch, ended=ended, prompt_ids=prompt_ids, response_ids=responses)
-    if return_logprobs:
+    if sampled_logp is not None:
         rollout.sampler_logp = torch.zeros_like(batch.response_mask)
         for i, values in enumerate(sampled_logp):
             rollout.sampler_logp[i, : len(values)] = torch.tensor(values)
     return rollout
+
+
+@torch.no_grad()
+def _generate_transformers(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
+                           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
+                           batch_size: int = 32, autocast=None, desc: str = "generate", progress: bool = True,
+                           return_logprobs: bool = False) -> Rollout:
+    """`generate` through transformers' `model.generate` (any top_k / top_p): prompts sorted by length into
+    left-padded batches, every row stepped until the whole batch ends. The log-probs come from generate's own
+    logits (bf16 under a bf16 autocast)."""
+    device = next(model.parameters()).device
+    eos = eos_ids(model, tokenizer)
+    config = sampling_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             greedy=greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                             output_logits=return_logprobs)
+
+    def decode(idx: list[int]):
+        enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in idx]}, return_tensors="pt", padding_side="left")
+        with _neutral_generation_config(model), (autocast() if autocast is not None else
+                                                 torch.autocast("cpu", enabled=False)):
+            out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                                 generation_config=config)
+        new = out.sequences[:, enc["input_ids"].shape[1] :]
+        if return_logprobs:  # [b, steps]: log pi_T of the token drawn at each step
+            logits = torch.stack(out.logits, 1).float() / (1.0 if greedy else temperature)
+            picked = logits.gather(-1, new.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        for row in range(len(idx)):
+            tokens, ended = cut_at_eos(new[row].tolist(), eos)
+            yield tokens, ended, picked[row, : len(tokens)].tolist() if return_logprobs else None
+
+    return _in_batches(model, tokenizer, prompt_ids, batch_size, desc, progress, decode, return_logprobs)
 
 
 def decode_responses(tokenizer, response_ids: list[list[int]]) -> list[str]:

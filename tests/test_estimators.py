@@ -85,7 +85,7 @@ def runs(tiny_model, dpo_model, reward_model, tmp_path_factory):
         roles = []
         with pytest.MonkeyPatch.context() as mp:
             calls = Calls(mp)
-            for fn in ("token_rewards", "sentence_ends", "policy_loss", "gae"):
+            for fn in ("compose_rewards", "sentence_ends", "policy_loss", "gae"):
                 calls.watch(ppo, fn)
             for estimator in ("reinforce++", "grpo", "rloo"):
                 calls.watch(ADVANTAGE_ESTIMATORS, estimator)
@@ -197,31 +197,34 @@ def test_critic_free_estimator(runs, tiny_model, name, group_size):
 @pytest.mark.parametrize("granularity", ["token", "sentence", "delayed", "shaping"])
 def test_granularity_places_the_dpo_term(runs, granularity):
     run = runs("default") if granularity == "token" else runs(granularity, granularity=granularity)
-    calls = run.calls["token_rewards"]
+    calls = run.calls["compose_rewards"]
     assert len(calls) == 2
     assert len(run.calls["sentence_ends"]) == (2 if granularity == "sentence" else 0)
-    for it, (args, kwargs, terms) in enumerate(calls):
-        mask = args[2]
+    for it, ((exp, weights), kwargs, paid_terms) in enumerate(calls):
+        mask, tok = exp.batch.response_mask, exp.tokens
         on = mask.bool()
-        assert kwargs["granularity"] == granularity and kwargs["per_term"]
-        ends = kwargs["sentence_ends"]
+        assert kwargs["granularity"] == granularity and weights == {"dpo": 0.05, "rm": 1.0}
+        ends = kwargs["ends"]
         if granularity == "sentence":  # the ends found in the decoded text reached the reward
             assert ends is run.calls["sentence_ends"][it][2]
         else:
             assert ends is None
-        dense = torch.where(on, dpo_token_reward(kwargs["logp_dpo"], kwargs["logp_ref_t1"], kwargs["beta_dpo"],
-                                                 kwargs["dpo_clip"]), 0.0)
+        dense = torch.where(on, dpo_token_reward(tok.logp_dpo, tok.logp_ref_t1, weights["dpo"], kwargs["dense_clip"]),
+                            0.0)
         assert dense.abs().sum() > 0  # the stand-in DPO model differs from the reference
-        torch.testing.assert_close(terms[0], place_dpo_reward(dense, mask, granularity, ends))
-        paid = terms[0].sum(1)
+        term = paid_terms.terms["dpo"]
+        torch.testing.assert_close(term, place_dpo_reward(dense, mask, granularity, ends))
+        paid = term.sum(1)
         torch.testing.assert_close(paid, torch.zeros_like(paid) if granularity == "shaping" else dense.sum(1))
         # the logged DPO reward is the term as paid, summed per response
         assert run.metrics[it]["reward_dpo"] == pytest.approx(float(paid.mean()), abs=1e-7)
-        assert run.metrics[it]["reward_total"] == pytest.approx(float(terms.sum((0, 2)).mean()), rel=1e-5, abs=1e-6)
+        assert run.metrics[it]["reward_total"] == pytest.approx(float(paid_terms.total.sum(1).mean()), rel=1e-5,
+                                                                abs=1e-6)
     if granularity == "delayed":  # only the last token of each response holds the DPO term
-        args, _, terms = calls[0]
-        last = args[2].sum(1).long() - 1
-        assert torch.equal(terms[0].nonzero()[:, 1], last[terms[0].nonzero()[:, 0]])
+        (exp, _), _, paid_terms = calls[0]
+        term = paid_terms.terms["dpo"]
+        last = exp.batch.response_mask.sum(1).long() - 1
+        assert torch.equal(term.nonzero()[:, 1], last[term.nonzero()[:, 0]])
     assert run.meta["granularity"] == granularity
 
 
@@ -267,8 +270,8 @@ def test_cli_grpo_with_groups_of_four_and_sentence_rewards(tiny_model, dpo_model
     (["--group_size", "0"], "group_size must be an integer >= 1, got 0"),
     (["--estimator", "ppo"], "estimator must be one of gae, reinforce++, grpo, rloo, got 'ppo'"),
     (["--granularity", "word"], "granularity must be one of token, sentence, delayed, shaping, got 'word'"),
-    (["--granularity", "sentence", "--reward", "sparse"], "--granularity sentence places the DPO term, which only "
-                                                          "--reward rto has"),
+    (["--granularity", "sentence", "--reward", "sparse"], "--granularity sentence places the dense reward, which "
+                                                          "--reward sparse does not have"),
 ])
 def test_cli_refuses_bad_settings_in_one_line(tiny_model, dpo_model, reward_model, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"

@@ -69,11 +69,16 @@ def ppo_args(tiny_model, out, *extra):
             "--progress", "false", "--out", str(out), *extra]
 
 
+def nan_terms(paid):
+    """The same reward terms, every one NaN."""
+    return type(paid)({name: term * float("nan") for name, term in paid.terms.items()}, paid.clipfrac)
+
+
 def nan_rewards(monkeypatch):
     import rto.stages.ppo as ppo
 
-    real = ppo.token_rewards
-    monkeypatch.setattr(ppo, "token_rewards", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = ppo.compose_rewards
+    monkeypatch.setattr(ppo, "compose_rewards", lambda *a, **k: nan_terms(real(*a, **k)))
 
 
 def test_ppo_skips_a_rollout_with_nan_rewards(tmp_path, tiny_model, monkeypatch):

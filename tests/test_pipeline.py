@@ -71,6 +71,12 @@ def test_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model, capsys):
     assert "Per-token credit" in html and "Paired comparisons" in html
     md = (run / "report.md").read_text()
     assert "| sft |" in md and "| rto − ppo |" in md
+    # each model labelled by how it was made: method, sources, dense source's loss, granularity, estimator
+    assert ev["methods"]["rto"] == ("PPO --reward rto: 0.5·dpo + 1·rm − 0.01·KL; dense source trained with dpo; "
+                                    "granularity token; estimator gae; loss token_mean")
+    assert ev["methods"]["ppo"].startswith("PPO --reward sparse: 1·rm − 0.01·KL; granularity token")
+    assert ev["methods"]["dpo"] == "offline dpo (beta 0.1)" and ev["methods"]["sft"] == "as given (no rto record)"
+    assert "| rto | PPO --reward rto: 0.5·dpo" in md.split("## Models")[1]
     summary = md.split("## Comparison")[0]
     assert summary.index("rto vs ppo") < summary.index("dpo: gold")  # the headline line comes first
     phases = json.loads((run / "pipeline.json").read_text())["phase_times"]

@@ -37,14 +37,16 @@ def test_every_iteration_logs_the_usual_diagnostics(metrics):
 def test_a_skipped_rollout_still_advances_the_schedules(tmp_path, tiny_model, metrics, monkeypatch):
     import rto.stages.ppo as ppo
 
-    real, calls = ppo.token_rewards, []
+    from tests.test_guards import nan_terms
+
+    real, calls = ppo.compose_rewards, []
 
     def nan_on_first_iteration(*a, **k):
         calls.append(1)
-        rewards = real(*a, **k)
-        return rewards * float("nan") if len(calls) == 1 else rewards
+        paid = real(*a, **k)
+        return nan_terms(paid) if len(calls) == 1 else paid
 
-    monkeypatch.setattr(ppo, "token_rewards", nan_on_first_iteration)
+    monkeypatch.setattr(ppo, "compose_rewards", nan_on_first_iteration)
     skipped = read_metrics(tmp_path / "s") if run(_config(tmp_path, tiny_model, "s")) else None
     assert [r["skipped_steps"] for r in skipped] == [1, 1, 1]
     # the learning rate after each iteration is where an unskipped run has it: the schedule follows the data

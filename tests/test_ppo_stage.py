@@ -158,7 +158,8 @@ def test_value_clip_reaches_value_loss(base):
 def test_without_value_clip_the_critic_loss_is_plain_mse(variant):
     calls = [c for c in variant.spy.calls if c[0] == "value_loss"]
     assert len(calls) == 4  # 2 epochs x 2 minibatches
-    for _, (values, old_values, returns, mask, clip), _, (loss, stats) in calls:
+    for _, (values, old_values, returns, mask, clip, agg), _, (loss, stats) in calls:
+        assert agg == "token_mean"
         assert clip is None
         torch.testing.assert_close(loss, _plain_value_loss(values, returns, mask))
         assert stats["vf_clipfrac"] == 0
@@ -209,8 +210,14 @@ def test_score_rollout_penalises_only_responses_without_eos(tiny_model, roles, p
     cfg = ppo.PPOConfig(reward="sparse", missing_eos_penalty=penalty, score_batch_size=2)
     accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
     ended = [True, False, False, True]
-    exp = ppo.score_rollout(_rollout(load_tokenizer(tiny_model), ended), roles, 0, cfg, accelerator,
-                            (RM_MEAN, RM_STD))
+    texts, rows = ["a", "b", "c", "d"], [{"id": i} for i in range(4)]
+    gold_calls = []
+    exp = ppo.score_rollout(_rollout(load_tokenizer(tiny_model), ended), texts, rows, torch.tensor([0, 0, 1, 1]),
+                            lambda t, r: gold_calls.append((t, r)) or [0.5, 0.0, 1.0, 0.25], roles, 0, cfg,
+                            accelerator, (RM_MEAN, RM_STD))
+    # the record is whole when it leaves the scoring step: texts, rows, groups and the gold score of those texts
+    assert exp.texts == texts and exp.rows == rows and gold_calls == [(texts, rows)]
+    assert exp.seqs.gold.tolist() == [0.5, 0.0, 1.0, 0.25] and exp.seqs.group.tolist() == [0, 0, 1, 1]
     raw = exp.seqs.rm_raw
     assert raw.unique().numel() == 4  # the random head scores every response differently
     # the penalty is subtracted from the normalised score (not divided by the reward std)

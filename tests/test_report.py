@@ -167,3 +167,18 @@ def test_format_duration_and_colors():
     assert token_color(2.0, 1.0) == token_color(1.0, 1.0)  # saturates
     assert token_color(-0.5, 1.0)[0] > token_color(-0.5, 1.0)[1]
     assert token_color(0.5, 0.0) == (255, 255, 255)
+
+
+def test_method_of_reads_old_and_new_records():
+    from rto.stages.eval import method_of
+
+    old = {"stage": "ppo", "reward": "rto", "beta_dpo": 0.5, "beta_rm": 1.0, "beta_kl": 0.02}  # before sources
+    assert method_of(old) == ("PPO --reward rto: 0.5·dpo + 1·rm − 0.02·KL; granularity token; estimator gae; "
+                              "loss token_mean")
+    new = {"stage": "ppo", "reward": "rto", "sources": {"simpo": 0.1, "rm": 1.0}, "dpo_loss": "simpo",
+           "beta_kl": 0.01, "granularity": "sentence", "estimator": "grpo", "group_size": 4,
+           "loss_agg": "seq_mean_token_mean"}
+    assert method_of(new) == ("PPO --reward rto: 0.1·simpo + 1·rm − 0.01·KL; dense source trained with simpo; "
+                              "granularity sentence; estimator grpo, 4 per prompt; loss seq_mean_token_mean")
+    assert method_of({"stage": "dpo", "loss": "ipo", "beta": 0.1}) == "offline ipo (beta 0.1)"
+    assert method_of({}) == "as given (no rto record)"

@@ -185,12 +185,13 @@ def test_offline_training_runs_without_dropout(tmp_path, tiny_model):
     assert seen == [False, False]
 
 
-def test_a_reference_free_model_is_refused_as_the_dense_reward_source(capsys, tmp_path, tiny_model):
+def test_a_reference_free_model_is_refused_as_the_dpo_source(capsys, tmp_path, tiny_model):
     import shutil
 
     simpo = tmp_path / "simpo"
     shutil.copytree(tiny_model, simpo)
     (simpo / "rto_model.json").write_text(json.dumps({"stage": "dpo", "loss": "simpo", "reference": None}))
-    _one_line(capsys, ["ppo", "--reward", "rto", "--policy", tiny_model, "--reward_model", tiny_model,
-                       "--dpo_model", str(simpo), "--out", str(tmp_path / "o"), "--progress", "false"],
-              "reference-free simpo")
+    # the "dpo" source reads log(pi_dpo / pi_ref), which is no reward of a reference-free model
+    _one_line(capsys, ["ppo", "--reward", "custom", "--sources", "{dpo: 0.05, rm: 1.0}", "--policy", tiny_model,
+                       "--reward_model", tiny_model, "--dpo_model", str(simpo), "--out", str(tmp_path / "o"),
+                       "--progress", "false"], "reference-free simpo")

@@ -331,6 +331,14 @@ def write_report(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
     md += [format_table_markdown(table, baseline)]
     ht.append(_table_html(table, baseline))
 
+    if results.get("methods"):
+        intro = "How each model was made (from the record its stage saved beside the weights)."
+        md += ["## Models", "", intro, "", "| model | method |", "|---|---|"]
+        md += [f"| {label} | {method} |" for label, method in results["methods"].items()] + [""]
+        ht += ["<h2>Models</h2>", f"<p>{e(intro)}</p>", "<table><thead><tr><th>model</th><th>method</th></tr></thead>"
+               "<tbody>" + "".join(f"<tr><td>{e(label)}</td><td>{e(method)}</td></tr>"
+                                   for label, method in results["methods"].items()) + "</tbody></table>"]
+
     if results.get("pairwise"):
         intro = ("Every pair of models on the same prompts: the paired gold difference a − b with its 95% interval "
                  "and a's win rate over b (ties count half); the first line is the headline comparison.")

@@ -104,6 +104,28 @@ def heatmap_beta(cfg: EvalConfig, heat_path: str) -> float:
     return read_meta(heat_path).get("beta_dpo") or 0.05
 
 
+def method_of(meta: dict) -> str:
+    """One line naming how a model was made, from the record its stage wrote (rto_model.json): for PPO the
+    reward sources and weights, the dense source's training loss, the granularity and the estimator."""
+    stage = meta.get("stage")
+    if stage == "ppo":
+        sources = meta.get("sources") or {  # records written before sources existed
+            **({"dpo": meta["beta_dpo"]} if meta.get("reward") == "rto" and meta.get("beta_dpo") else {}),
+            "rm": meta.get("beta_rm", 1.0)}
+        reward = " + ".join(f"{w:g}·{name}" for name, w in sources.items())
+        group = meta.get("group_size") or 1
+        parts = [f"PPO --reward {meta.get('reward')}: {reward} − {meta.get('beta_kl', 0.01):g}·KL"]
+        if meta.get("dpo_loss"):
+            parts.append(f"dense source trained with {meta['dpo_loss']}")
+        parts += [f"granularity {meta.get('granularity', 'token')}",
+                  f"estimator {meta.get('estimator', 'gae')}" + (f", {group} per prompt" if group > 1 else ""),
+                  f"loss {meta.get('loss_agg', 'token_mean')}"]
+        return "; ".join(parts)
+    if stage == "dpo":
+        return f"offline {meta.get('loss', 'dpo')} (beta {meta.get('beta')})"
+    return stage or "as given (no rto record)"
+
+
 def run(cfg: EvalConfig) -> dict:
     specs = [parse_model(m) for m in cfg.models]
     labels = [label for label, _ in specs]
@@ -199,6 +221,7 @@ def run(cfg: EvalConfig) -> dict:
         table.append(row)
     pairwise = paired_comparisons({label: results[label]["gold"] for label in labels}, labels, cfg.headline)
     report = {"table": table, "baseline": baseline, "pairwise": pairwise, "heatmaps": heatmaps, "samples": samples,
+              "methods": {label: method_of(read_meta(path)) for label, path in specs},
               **({"by_kind": by_kind} if by_kind else {}),
               "n_prompts": len(prompts), "seed": cfg.seed, "temperature": cfg.temperature,
               "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k, "top_p": cfg.top_p, "task": cfg.task}

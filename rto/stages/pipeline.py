@@ -10,6 +10,10 @@ A recipe is YAML:
       - {name: rm, stage: rm, pairs: "{run}/pairs/pairs.jsonl"}
       ...
 
+A recipe may start from another: `base: demo.yaml` (a built-in recipe, or a path relative to the recipe)
+takes the base's title, out, defaults and stages; the recipe's own `defaults` are added to the base's, and each
+of its `stages` entries names a stage of the base and changes only the fields it gives.
+
 Each stage writes to `{run}/{name}` unless it sets `out`. A stage that already finished there with the
 same config is skipped and an unfinished one continues from its last checkpoint, so re-running a
 pipeline after a crash loses at most the steps since the last checkpoint. A stage whose folder holds
@@ -89,6 +93,8 @@ def stage_configs(recipe: dict, source: str, overrides: dict) -> list[tuple[str,
         values = {k: v for k, v in defaults.items() if k in known}
         values.update(entry)
         values.setdefault("out", f"{{run}}/{name}")
+        if stage == "report" and recipe.get("title"):
+            values.setdefault("title", recipe["title"])  # a report is titled as its recipe unless it says otherwise
         written = str(values["out"])  # as the recipe wrote it, before "{run}" is filled in
         values = _fill(values, run_dir)
         raw_out = str(values["out"])
@@ -99,14 +105,43 @@ def stage_configs(recipe: dict, source: str, overrides: dict) -> list[tuple[str,
     return out
 
 
+def _read_recipe(path) -> dict:
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read the recipe: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping with `out` and `stages`")
+    return recipe
+
+
+def load_recipe(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The recipe at `path` with its `base` (if any) merged in: the base's keys, `defaults` added to, and each
+    stage entry of the recipe laid over the base's stage of the same name (see the module docstring)."""
+    recipe = _read_recipe(path)
+    base = recipe.pop("base", None)
+    if base is None:
+        return recipe
+    local = Path(path).parent / str(base)
+    base_path = str(local if local.is_file() else resources.files("rto.recipes").joinpath(str(base)))
+    if base_path in _seen or str(path) == base_path:
+        raise ValueError(f"{path}: its base {base!r} leads back to itself")
+    merged = load_recipe(base_path, (*_seen, str(path)))
+    stages = [dict(entry) for entry in merged.get("stages") or []]
+    by_name = {str(entry.get("name", entry.get("stage"))): entry for entry in stages}
+    for entry in recipe.pop("stages", None) or []:
+        name = str(entry.get("name", entry.get("stage"))) if isinstance(entry, dict) else None
+        if name not in by_name:
+            raise ValueError(f"{path}: stage {name!r} is not a stage of its base {base!r} ({', '.join(by_name)}); "
+                             "a recipe with a base changes the base's stages by name")
+        by_name[name].update(entry)
+    defaults = {**(merged.get("defaults") or {}), **(recipe.pop("defaults", None) or {})}
+    return {**merged, **recipe, "defaults": defaults, "stages": stages}
+
+
 def run(cfg: PipelineConfig) -> Path:
     source = str(cfg.recipe)
-    try:
-        recipe = yaml.safe_load(Path(cfg.recipe).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{source}: cannot read the recipe: {str(e).splitlines()[0]}") from None
-    if not isinstance(recipe, dict):
-        raise ValueError(f"{source}: a recipe is a YAML mapping with `out` and `stages`")
+    recipe = load_recipe(source)
     overrides = {"out": cfg.out, "seed": cfg.seed, "precision": cfg.precision, "threads": cfg.threads,
                  "progress": cfg.progress, "overwrite": cfg.overwrite}
     configs = stage_configs(recipe, source, overrides)

@@ -1,11 +1,14 @@
-"""`rto ppo --reward rto|sparse`: PPO with RTO's dense token reward, or classic sparse-reward PPO.
+"""`rto ppo --reward rto|sparse|custom`: PPO with RTO's dense token reward, classic sparse-reward PPO, or
+any weighted sum of reward sources.
 
 One iteration, in order (every detail visible here, CleanRL-style):
   1. rollout  - sample group_size responses per prompt from the policy (temperature T), cut after the first EOS
-  2. scoring  - log-probs of policy, reference and DPO model at temperature T; critic values V(s_t);
-                reward-model score on the last token, normalised with the RM's training statistics
-  3. rewards  - rto.rewards.token_rewards (paper eq. 4.7), the DPO term paid at --granularity (token = RTO,
-                sentence = Semi-RTO, delayed, shaping = RS-PPO); sparse = the same without the DPO term
+  2. scoring  - log-probs of policy and reference at temperature T, of the DPO model and reference at T=1;
+                critic values V(s_t); reward-model score, normalised with the RM's training statistics; the
+                gold score (logged only); all in one Experience record
+  3. rewards  - weighted reward sources + KL (rto.rewards.compose_rewards; RTO = paper eq. 4.7 =
+                rto.rewards.token_rewards), dense sources paid at --granularity (token = RTO, sentence =
+                Semi-RTO, delayed, shaping = RS-PPO); sparse = the RM source alone
   4. advantages - --estimator: GAE (gamma, lambda) on the critic's values, or critic-free REINFORCE++, GRPO or
                 RLOO (rto.advantages.ADVANTAGE_ESTIMATORS); then whitened over the rollout (not REINFORCE++, GRPO)
   5. update   - clipped policy loss + clipped value loss (GAE only), minibatches, gradient clipping
@@ -25,10 +28,11 @@ from tqdm.auto import tqdm
 from rto.advantages import (ADVANTAGE_ESTIMATORS, NEEDS_GROUPS, NORMALISED, USES_CRITIC, explained_variance, gae,
                             masked_mean, masked_sum, masked_whiten)
 from rto.experience import Experience, SequenceTensors, TokenTensors
-from rto.losses import policy_loss, value_loss
+from rto.losses import LOSS_AGGREGATIONS, policy_loss, value_loss
 from rto.checkpoint import load_checkpoint, save_checkpoint
 from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, read_meta, save_model, set_trainable, weights_fingerprint
-from rto.rewards import adaptive_kl_coef, sentence_ends, sequence_kl, token_pieces, token_rewards
+from rto.rewards import (REWARD_SOURCES, adaptive_kl_coef, check_sources, compose_rewards, normalised_rm_score,
+                         sentence_ends, sequence_kl, token_pieces)
 from rto.rollout import decode_responses, generate, off_policy_warning, score_sequences
 from rto.runtime import keep_rows, timed
 from rto.sequences import critic_values, probe_batch, token_logprobs, token_values
@@ -37,16 +41,21 @@ from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimizati
                                role_tokenizer, shared_trunk_layers, start)
 from rto.tasks import get_task, prompts_and_rows
 
-REWARDS = ("rto", "sparse")
+REWARDS = ("rto", "sparse", "custom")
 
 
 @dataclass
 class PPOConfig(Checkpointing, Optimization, Common):
     out: str = "runs/ppo"
-    reward: str = "rto"  # rto: eq. 4.7 (dense DPO term + KL + RM at the end); sparse: classic PPO (KL + RM)
+    reward: str = "rto"  # rto: eq. 4.7 (dense DPO term + KL + RM at the end); sparse: classic PPO (KL + RM);
+    # custom: the weighted reward sources of --sources (+ KL)
+    sources: dict[str, float] | None = None  # --reward custom: reward source -> weight, e.g. {dpo: 0.05, rm: 1.0}
+    # (sources: rto.rewards.REWARD_SOURCES: dpo, simpo, rm and any registered with rto.rewards.register_source)
     policy: str = DEFAULT_MODEL  # start of the policy (the SFT model)
     ref: str | None = None  # KL reference; null = `policy`
-    dpo_model: str | None = None  # pi_dpo for the dense reward (needed by --reward rto)
+    dpo_model: str | None = None  # pi_dpo for the dense reward (needed by --reward rto): a model written by
+    # `rto dpo` with any --loss; a SimPO model pays its length-normalised log-prob ("simpo" source), the others
+    # log(pi_dpo / pi_ref) ("dpo" source)
     reward_model: str = "runs/rm/model"
     critic: str | None = None  # null = start from the reward model
     task: str = "sentiment"  # train prompts and gold scorer (the gold score is logged, never trained on)
@@ -80,6 +89,7 @@ class PPOConfig(Checkpointing, Optimization, Common):
     clip: float = 0.2
     value_clip: float | None = 0.2
     whiten_advantages: bool = True
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_sum | seq_mean_token_mean (rto.losses.aggregate)
     generation_batch_size: int = 32
     score_batch_size: int = 16
 
@@ -87,9 +97,18 @@ class PPOConfig(Checkpointing, Optimization, Common):
 def check_config(cfg: PPOConfig) -> None:
     if cfg.reward not in REWARDS:
         raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, got {cfg.reward!r}")
-    if cfg.reward == "rto" and not cfg.dpo_model:
-        raise ValueError("--reward rto needs --dpo_model (a DPO-trained model, e.g. the `model` folder written by "
-                         "`rto dpo`); use --reward sparse for classic PPO")
+    if (cfg.reward == "custom") != (cfg.sources is not None):
+        raise ValueError("--sources sets the reward sources of --reward custom (and only of it): "
+                         + ("pass --sources, e.g. '{dpo: 0.05, rm: 1.0}'" if cfg.sources is None else
+                            f"use --reward custom, or drop --sources to keep the {cfg.reward} preset"))
+    if cfg.sources is not None:
+        check_sources(cfg.sources)
+    needs_dpo = cfg.reward == "rto" or any(REWARD_SOURCES[name].needs_dpo_model for name in cfg.sources or {})
+    if needs_dpo and not cfg.dpo_model:
+        raise ValueError(f"--reward {cfg.reward} needs --dpo_model (a DPO-trained model, e.g. the `model` folder "
+                         "written by `rto dpo`); use --reward sparse for classic PPO")
+    if cfg.loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"--loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {cfg.loss_agg!r}")
     if cfg.rollout_size % cfg.minibatch_size:
         raise ValueError(f"rollout_size ({cfg.rollout_size}) must be a multiple of minibatch_size ({cfg.minibatch_size})")
     if cfg.rollout_size % cfg.group_size:
@@ -101,18 +120,36 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.estimator in NEEDS_GROUPS and cfg.gamma != 1.0:
         raise ValueError(f"--estimator {cfg.estimator} scores each response by its undiscounted summed reward: "
                          f"--gamma must be 1, got {cfg.gamma}")
-    if cfg.granularity != "token" and cfg.reward != "rto":
-        raise ValueError(f"--granularity {cfg.granularity} places the DPO term, which only --reward rto has")
+    dense = cfg.reward == "rto" or any(REWARD_SOURCES[name].dense for name in cfg.sources or {})
+    if cfg.granularity != "token" and not dense:
+        raise ValueError(f"--granularity {cfg.granularity} places the dense reward, which --reward {cfg.reward} "
+                         "does not have")
 
 
-def check_dpo_reference(run_, cfg: PPOConfig, ref) -> None:
-    """RTO's dense term is the DPO implicit reward only against the reference pi_dpo was trained with: a DPO
-    model folder written by `rto dpo` records it (a fingerprint of its weights); another reference is refused."""
-    record = read_meta(cfg.dpo_model)
+def reward_weights(cfg: PPOConfig, dpo_loss: str | None) -> dict[str, float]:
+    """The reward sources and their weights (rto.rewards.compose_rewards):
+      rto     the DPO model's implicit token reward at beta_dpo ("simpo" for a model trained with the SimPO
+              loss, reference-free and length-normalised; "dpo" = log pi_dpo / pi_ref otherwise) + the RM
+              score at beta_rm: paper eq. 4.7
+      sparse  the RM score at beta_rm: classic PPO
+      custom  --sources as given
+    The KL penalty (beta_kl) is added to all of them."""
+    if cfg.reward == "custom":
+        return dict(cfg.sources)
+    if cfg.reward == "sparse":
+        return {"rm": cfg.beta_rm}
+    return {("simpo" if dpo_loss == "simpo" else "dpo"): cfg.beta_dpo, "rm": cfg.beta_rm}
+
+
+def check_dpo_reference(run_, cfg: PPOConfig, ref, record: dict) -> None:
+    """The "dpo" source is the DPO implicit reward only against the reference pi_dpo was trained with: a DPO
+    model folder written by `rto dpo` records it (`record`, a fingerprint of its weights); another reference is
+    refused, and so is a model trained without one (SimPO: use the "simpo" source)."""
     if record.get("stage") == "dpo" and record.get("reference") is None:
         raise ValueError(f"the DPO model {cfg.dpo_model} was trained with the reference-free {record.get('loss')} "
-                         "loss, so log(pi_dpo / pi_ref) is not its implicit reward; train the dense reward source "
-                         "with a loss that has a reference (dpo, ipo, rdpo, tdpo1, tdpo2)")
+                         "loss, so log(pi_dpo / pi_ref) is not its implicit reward; use the \"simpo\" source "
+                         "(--reward rto picks it for a SimPO model), or a model trained with dpo, ipo, rdpo, tdpo1 "
+                         "or tdpo2")
     if "reference_fingerprint" not in record:
         run_.note(f"ppo: {cfg.dpo_model} does not record the reference it was trained against; make sure it is "
                   f"{cfg.ref or cfg.policy}")
@@ -123,37 +160,44 @@ def check_dpo_reference(run_, cfg: PPOConfig, ref) -> None:
                          "only the DPO implicit reward against that model: pass it as --ref (or --policy)")
 
 
-def score_rollout(rollout, roles: dict, n_shared: int, cfg: PPOConfig, accelerator, rm_stats) -> Experience:
-    """Step 2: every model looks at the sampled tokens once; the shared trunk is kept for the update."""
+def score_rollout(rollout, texts: list[str], rows: list[dict], group: torch.Tensor, gold_scorer, roles: dict,
+                  n_shared: int, cfg: PPOConfig, accelerator, rm_stats) -> Experience:
+    """Step 2: every model looks at the sampled tokens once (the shared trunk is kept for the update); the
+    rollout's record is built here, whole: tokens, scores, texts, prompt rows, groups and the gold score."""
     scored = score_sequences(
         rollout.batch, ref=roles["ref"], policy=roles["policy"], dpo=roles["dpo"], critic=roles["critic"],
         rm=roles["rm"], n_shared=n_shared, temperature=cfg.temperature, chunk=cfg.score_batch_size,
         autocast=accelerator.autocast, device=accelerator.device, keep_trunk=True, entropy=True,
     )
-    batch = rollout.batch.to(accelerator.device)
-    ended = rollout.ended.to(accelerator.device)
-    rm_score = (scored["rm_raw"] - rm_stats[0]) / rm_stats[1]
-    if cfg.missing_eos_penalty is not None:
-        rm_score = torch.where(ended, rm_score, rm_score - cfg.missing_eos_penalty)
+    device = accelerator.device
+    batch = rollout.batch.to(device)
+    ended = rollout.ended.to(device)
     values = scored["values"] if "values" in scored else torch.zeros_like(scored["logp"])  # no critic: zeros
     tokens = TokenTensors(logp=scored["logp"], logp_ref=scored["logp_ref"], values=values,
                           logp_dpo=scored.get("logp_dpo"), logp_ref_t1=scored.get("logp_ref_t1"),
                           entropy=scored["entropy"])
-    seqs = SequenceTensors(rm_raw=scored["rm_raw"], rm_score=rm_score, ended=ended, length=batch.response_lengths)
-    return Experience(batch=batch, tokens=tokens, seqs=seqs, trunk=scored.get("trunk"))
+    seqs = SequenceTensors(
+        rm_raw=scored["rm_raw"], rm_score=normalised_rm_score(scored["rm_raw"], rm_stats, ended, cfg.missing_eos_penalty),
+        ended=ended, length=batch.response_lengths, gold=torch.tensor(gold_scorer(texts, rows)).to(device),
+        group=group.to(device))
+    return Experience(batch=batch, tokens=tokens, seqs=seqs, trunk=scored.get("trunk"), texts=texts, rows=rows)
 
 
 def run(cfg: PPOConfig) -> dict:
     check_config(cfg)
     run_, accelerator = start(cfg, f"ppo --reward {cfg.reward}")
     uses_critic = cfg.estimator in USES_CRITIC
-    run_.note(f"ppo: estimator {cfg.estimator} ({'with a critic' if uses_critic else 'no critic'}), granularity "
-              f"{cfg.granularity}, {cfg.group_size} response(s) per prompt")
+    needs_dpo = cfg.reward == "rto" or any(REWARD_SOURCES[name].needs_dpo_model for name in cfg.sources or {})
+    dpo_record = read_meta(cfg.dpo_model) if needs_dpo else {}
+    weights = reward_weights(cfg, dpo_record.get("loss"))
+    run_.note(f"ppo: reward {' + '.join(f'{w:g} * {name}' for name, w in weights.items())} - {cfg.beta_kl:g} * KL; "
+              f"estimator {cfg.estimator} ({'with a critic' if uses_critic else 'no critic'}), granularity "
+              f"{cfg.granularity}, {cfg.group_size} response(s) per prompt, loss aggregation {cfg.loss_agg}")
     device = accelerator.device
     prompts, prompt_rows = prompts_and_rows(cfg.task, cfg.prompts, "train", None, cfg.seed)  # with each prompt's file row
     gold_scorer = get_task(cfg.task).gold_scorer()
     tokenizer = role_tokenizer(run_, cfg, {
-        "policy": cfg.policy, "reference": cfg.ref, "DPO model": cfg.dpo_model if cfg.reward == "rto" else None,
+        "policy": cfg.policy, "reference": cfg.ref, "DPO model": cfg.dpo_model if needs_dpo else None,
         "reward model": cfg.reward_model, "critic": cfg.critic if uses_critic else None})
     check_token_budget(cfg, cfg.policy, "policy", cfg.max_new_tokens)
     kept, prompt_ids = drop_long_prompts(run_, tokenizer, list(zip(prompts, prompt_rows)), cfg, "prompts", lambda x: x[0])
@@ -162,13 +206,13 @@ def run(cfg: PPOConfig) -> dict:
     roles = {
         "policy": load(cfg.policy, "policy"),
         "ref": frozen(load(cfg.ref or cfg.policy, "reference")),
-        "dpo": frozen(load(cfg.dpo_model, "DPO model")) if cfg.reward == "rto" else None,
+        "dpo": frozen(load(cfg.dpo_model, "DPO model")) if needs_dpo else None,
         "rm": frozen(ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code, role="reward model").to(device)),
         "critic": (ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code, role="critic")
                    .to(device) if uses_critic else None),  # critic-free estimators need no values
     }
-    if cfg.reward == "rto":
-        check_dpo_reference(run_, cfg, roles["ref"])
+    if "dpo" in weights:
+        check_dpo_reference(run_, cfg, roles["ref"], dpo_record)
     if warning := off_policy_warning(cfg.top_k, cfg.top_p):
         run_.note(f"ppo: {warning}")
     policy, critic = roles["policy"], roles["critic"]
@@ -228,27 +272,21 @@ def run(cfg: PPOConfig) -> dict:
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                batch_size=cfg.generation_batch_size, autocast=accelerator.autocast, desc="rollout",
                                progress=cfg.progress, return_logprobs=True)
-        texts = decode_responses(tokenizer, rollout.response_ids)
 
-        # 2. scoring
+        # 2. scoring (and the gold score, logged only)
         with timed(times, "time_score_s"):
-            exp = score_rollout(rollout, roles, n_shared, cfg, accelerator, rm_stats)
-            exp.texts = texts
-            exp.seqs.gold = torch.tensor(gold_scorer(texts, [prompt_rows[i] for i in idx]))  # logged only
-            exp.seqs.group = group.to(device)
+            exp = score_rollout(rollout, decode_responses(tokenizer, rollout.response_ids), [prompt_rows[i] for i in idx],
+                                group, gold_scorer, roles, n_shared, cfg, accelerator, rm_stats)
         mask, tok = exp.batch.response_mask, exp.tokens
 
-        # 3. token rewards (paper eq. 4.7; the DPO term only for --reward rto, paid at --granularity); per term
-        # (DPO, KL, RM), so the log reads them as they were paid
+        # 3. token rewards: the weighted sources + KL (RTO: paper eq. 4.7), dense ones paid at --granularity; kept
+        # term by term, so the log reads them as they were paid
         ends = None
         if cfg.granularity == "sentence":  # a token whose text holds . ! ? or a newline ends a sentence
             ends = sentence_ends(token_pieces(tokenizer, rollout.response_ids), mask)
-        reward_dpo, reward_kl, reward_rm = token_rewards(
-            tok.logp, tok.logp_ref, mask, logp_dpo=tok.logp_dpo, logp_ref_t1=tok.logp_ref_t1,
-            rm_score=exp.seqs.rm_score, beta_dpo=cfg.beta_dpo, beta_kl=beta_kl, beta_rm=cfg.beta_rm,
-            dpo_clip=cfg.dpo_clip, rm_clip=cfg.rm_clip, granularity=cfg.granularity, sentence_ends=ends, per_term=True,
-        )
-        tok.rewards = reward_dpo + reward_kl + reward_rm
+        paid = compose_rewards(exp, weights, beta_kl=beta_kl, dense_clip=cfg.dpo_clip, sparse_clip=cfg.rm_clip,
+                               granularity=cfg.granularity, ends=ends)
+        tok.rewards = paid.total
         # 4. advantages (--estimator): GAE on the critic's values, or a critic-free estimator on the same rewards
         # (GRPO and RLOO compare each response with the others of its group); then whitened over the whole
         # rollout, unless the estimator normalises them itself (REINFORCE++, GRPO)
@@ -277,11 +315,12 @@ def run(cfg: PPOConfig) -> dict:
                     b, m = mb.batch, mb.batch.response_mask
                     with accelerator.autocast():
                         logp = token_logprobs(policy, b, mb.trunk, n_shared, cfg.temperature)
-                        pg_loss, pg_stats = policy_loss(logp, mb.tokens.logp, mb.tokens.advantages, m, cfg.clip)
+                        pg_loss, pg_stats = policy_loss(logp, mb.tokens.logp, mb.tokens.advantages, m, cfg.clip,
+                                                        cfg.loss_agg)
                         if critic is not None:
                             values = critic_values(token_values(critic, b, mb.trunk, n_shared), b)
                             vf_loss, vf_stats = value_loss(values, mb.tokens.values, mb.tokens.returns, m,
-                                                           cfg.value_clip)
+                                                           cfg.value_clip, cfg.loss_agg)
                     # separate parameters: each loss reaches its own model
                     loss = pg_loss if critic is None else pg_loss + vf_loss
                     grad_norms = backward_and_clip(accelerator, loss, [params for params, _, _ in trained.values()],
@@ -310,8 +349,9 @@ def run(cfg: PPOConfig) -> dict:
             "gold": float(exp.seqs.gold.mean()), "rm": float(exp.seqs.rm_score.mean()),
             "rm_raw": float(exp.seqs.rm_raw.mean()), "kl": float(kl.mean()), "kl_coef": beta_kl,
             "reward_total": float((tok.rewards * mask).sum(-1).mean()),
-            "reward_kl": float(masked_sum(reward_kl, mask, dim=1).mean()),
-            "reward_rm": float(masked_sum(reward_rm, mask, dim=1).mean()),
+            # each term per response as paid (reward_dpo is 0 with --granularity shaping)
+            **{f"reward_{name}": float(masked_sum(term, mask, dim=1).mean()) for name, term in paid.terms.items()},
+            **{f"{name}_clipfrac": frac for name, frac in paid.clipfrac.items()},
             "eos_rate": float(exp.seqs.ended.float().mean()), "length": float(exp.seqs.length.float().mean()),
             **({"value_mean": float(masked_mean(tok.values, mask)),
                 "explained_variance": float(explained_variance(tok.values, tok.returns, mask))}
@@ -327,16 +367,11 @@ def run(cfg: PPOConfig) -> dict:
             "lr": actor_sched.get_last_lr()[0], "skipped_steps": guard.skipped,
             **{k: sum(v) / len(v) for k, v in stats.items()}, **times,
         }
-        if tok.logp_dpo is not None:  # the DPO reward per response as paid (0 with --granularity shaping)
-            metrics["reward_dpo"] = float(masked_sum(reward_dpo, mask, dim=1).mean())
-            if cfg.dpo_clip is not None:
-                raw = cfg.beta_dpo * (tok.logp_dpo - tok.logp_ref_t1)
-                metrics["dpo_clipfrac"] = float(masked_mean((raw.abs() > cfg.dpo_clip).float(), mask))
         run_.log(it, metrics)
         history.append(metrics)
         with open(run_.dir / "rollouts.jsonl", "a") as f:
-            for j in range(len(texts)):
-                f.write(json.dumps({"iteration": it, "prompt": prompts[idx[j]][-1]["content"], "response": texts[j],
+            for j in range(len(exp)):
+                f.write(json.dumps({"iteration": it, "prompt": prompts[idx[j]][-1]["content"], "response": exp.texts[j],
                                     "group": int(group[j]), "gold": float(exp.seqs.gold[j]),
                                     "rm": float(exp.seqs.rm_score[j]),
                                     "ended": bool(exp.seqs.ended[j])}) + "\n")
@@ -349,15 +384,16 @@ def run(cfg: PPOConfig) -> dict:
                             keep=cfg.keep_checkpoints)
 
     save_model(policy, tokenizer, run_.dir / "policy", meta={
-        "stage": "ppo", "reward": cfg.reward, "dpo_model": cfg.dpo_model if cfg.reward == "rto" else None,
-        "beta_dpo": cfg.beta_dpo if cfg.reward == "rto" else None, "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl,
-        "beta_rm": cfg.beta_rm, "temperature": cfg.temperature, "granularity": cfg.granularity,
-        "estimator": cfg.estimator, "group_size": cfg.group_size})
+        "stage": "ppo", "reward": cfg.reward, "sources": weights, "dpo_model": cfg.dpo_model if needs_dpo else None,
+        "dpo_loss": dpo_record.get("loss"), "beta_dpo": weights.get("dpo", weights.get("simpo")),
+        "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl, "beta_rm": cfg.beta_rm, "temperature": cfg.temperature,
+        "granularity": cfg.granularity, "estimator": cfg.estimator, "group_size": cfg.group_size,
+        "loss_agg": cfg.loss_agg})
     if critic is not None:
         save_model(critic, tokenizer, run_.dir / "critic")
     last = history[-1]
-    summary = {"iterations": cfg.iterations, "reward": cfg.reward, "estimator": cfg.estimator,
-               "granularity": cfg.granularity, "final_gold": last["gold"], "final_kl": last["kl"],
+    summary = {"iterations": cfg.iterations, "reward": cfg.reward, "sources": weights, "estimator": cfg.estimator,
+               "granularity": cfg.granularity, "loss_agg": cfg.loss_agg, "final_gold": last["gold"], "final_kl": last["kl"],
                "time_generate_s": sum(h["time_generate_s"] for h in history),
                "time_score_s": sum(h["time_score_s"] for h in history),
                "time_update_s": sum(h["time_update_s"] for h in history)}

@@ -69,6 +69,7 @@ def run(cfg: ReportConfig) -> tuple[Path, Path]:
         "heatmaps": ev.get("heatmaps", []),
         "samples": ev.get("samples", []),
         "by_kind": ev.get("by_kind", {}),
+        "methods": ev.get("methods", {}),
         "notes": [
             "One training seed: the intervals cover the evaluation sample, not run-to-run variation.",
             "Gold gains that come with longer responses and a lower EOS rate partly reward length; "

@@ -1,0 +1,177 @@
+"""rto's decode loop (rto.decoding) samples what transformers' generate samples, only faster.
+
+Greedy decoding must give generate's tokens; the stored log-probs must be a fresh forward's; the sampled
+frequencies must follow softmax(logits / T) over the whole vocabulary; and a row's tokens must not depend on
+the rows it shares a batch (and a prompt prefill) with.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rto.decoding import draw_tokens, row_generators, sample, shared_prefix_length
+from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+from rto.rollout import _generate_transformers, encode_prompts, eos_ids, generate
+from rto.sequences import token_logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_causal_lm(tiny_model).eval(), load_tokenizer(tiny_model)
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    """Chat prompts sharing the system turn, of different lengths, one given twice in a row."""
+    texts = ["Tell me about tea", "Hi", "Hi", "Write a very short story about a lighthouse keeper", "Why?"]
+    return encode_prompts(tokenizer, [[{"role": "user", "content": t}] for t in texts])
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 10.0) -> tuple[float, int]:
+    """Pearson's statistic sum (O - E)^2 / E over the tokens expected >= `min_expected` times, the rest pooled
+    into one bin; returns (statistic, degrees of freedom)."""
+    expected = probs * counts.sum()
+    big = expected >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
+
+
+def chi_square_bound(dof: int) -> float:
+    """A bound the statistic of a right sampler exceeds with probability ~1e-6 (Wilson-Hilferty, z = 4.75)."""
+    z = 4.75
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_shared_prefix_leaves_each_prompt_a_token():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7], [7, 8]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 4]]) == 0
+
+
+def test_greedy_gives_the_tokens_of_transformers_generate(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    assert shared_prefix_length(prompts) > 10  # the system turn is shared, so the prefix path runs
+    ours = generate(model, tokenizer, prompts, max_new_tokens=12, greedy=True, progress=False)
+    theirs = _generate_transformers(model, tokenizer, prompts, max_new_tokens=12, greedy=True, progress=False)
+    assert ours.response_ids == theirs.response_ids
+    assert torch.equal(ours.ended, theirs.ended)
+    assert torch.equal(ours.batch.input_ids, theirs.batch.input_ids)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_stored_logprobs_equal_a_fresh_forward(tiny, temperature):
+    model, tokenizer = tiny
+    torch.manual_seed(3)
+    rollout = generate(model, tokenizer, _prompts(tokenizer), max_new_tokens=10, temperature=temperature,
+                       progress=False, return_logprobs=True)
+    mask = rollout.batch.response_mask.bool()
+    scored = token_logprobs(model, rollout.batch, temperature=temperature)
+    assert torch.allclose(rollout.sampler_logp[mask], scored[mask], atol=1e-4)
+    assert (rollout.sampler_logp[~mask] == 0).all()
+
+
+def test_draw_tokens_follows_softmax_at_the_temperature():
+    torch.manual_seed(0)
+    logits = 2.0 * torch.randn(1, 400)
+    n, temperature = 20000, 0.7
+    tokens, logp = draw_tokens(logits.expand(n, -1), temperature, False, row_generators(range(n)))
+    probs = torch.softmax(logits[0] / temperature, -1)
+    counts = torch.bincount(tokens, minlength=400).double()
+    stat, dof = chi_square(counts, probs.double())
+    assert stat < chi_square_bound(dof)
+    for wrong in (torch.softmax(logits[0], -1), torch.softmax(logits[0] / temperature, -1).where(
+            probs >= probs.topk(50).values[-1], 0.0)):  # temperature 1, or top-k 50, would be caught
+        wrong_stat, wrong_dof = chi_square(counts, (wrong / wrong.sum()).double())
+        assert wrong_stat > chi_square_bound(wrong_dof)
+    assert torch.allclose(logp, torch.log_softmax(logits[0] / temperature, -1)[tokens], atol=1e-5)
+
+
+def test_sampled_first_tokens_follow_the_model(tiny_model):
+    """Many one-token samples of a model whose next-token distribution is peaked (final norm scaled up)."""
+    model, tokenizer = load_causal_lm(tiny_model).eval(), load_tokenizer(tiny_model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(10.0)
+    ids = _prompts(tokenizer)[0]
+    temperature = 0.8
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ids])).logits[0, -1] / temperature, -1).double()
+    assert probs.max() > 0.05 and (probs > 1e-3).sum() > 55  # peaked, yet spread beyond a top 50
+    torch.manual_seed(4)
+    rollout = generate(model, tokenizer, [ids] * 6000, max_new_tokens=1, temperature=temperature, batch_size=2000,
+                       progress=False)
+    counts = torch.bincount(torch.tensor([r[0] for r in rollout.response_ids]), minlength=len(probs)).double()
+    stat, dof = chi_square(counts, probs)
+    assert dof > 20 and stat < chi_square_bound(dof)
+    at_one = torch.softmax(torch.log(probs) * temperature, -1)  # the distribution at T = 1
+    top50 = probs.where(probs >= probs.topk(50).values[-1], 0.0)
+    for wrong in (at_one, top50 / top50.sum()):
+        wrong_stat, wrong_dof = chi_square(counts, wrong)
+        assert wrong_stat > chi_square_bound(wrong_dof)
+
+
+def test_a_row_draws_the_same_tokens_alone(tiny):
+    """Shared prefix, a repeated prompt and rows dropped as they finish leave every row's tokens unchanged:
+    each row's noise comes from its own seed (exactly equal here; in general equal unless two tokens' CDF
+    bounds fall within float rounding of the uniform draw, or the greedy argmax is a float near-tie)."""
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    seeds = [11, 12, 13, 14, 15]
+    free, _, _ = sample(model, prompts, max_new_tokens=12, eos_ids=set(), pad_id=tokenizer.pad_token_id,
+                        seeds=seeds)
+    assert free[1] != free[2]  # the repeated prompt's rows draw their own tokens
+    stop = {free[0][3], free[3][1]}  # EOS ids that end rows at different steps, so rows leave the batch
+    together, ended, _ = sample(model, prompts, max_new_tokens=12, eos_ids=stop, pad_id=tokenizer.pad_token_id,
+                                seeds=seeds)
+    assert ended[0] and ended[3] and len(together[0]) <= 4 and len(together[3]) <= 2
+    for i, (p, seed) in enumerate(zip(prompts, seeds)):
+        alone, alone_ended, _ = sample(model, [p], max_new_tokens=12, eos_ids=stop, pad_id=tokenizer.pad_token_id,
+                                       seeds=[seed])
+        assert together[i] == alone[0] and ended[i] == alone_ended[0]
+        cut = next((k + 1 for k, t in enumerate(free[i]) if t in stop), len(free[i]))
+        assert together[i] == free[i][:cut]  # cut after its first EOS, the tokens before it unchanged
+
+
+def test_batching_and_order_do_not_change_a_seeded_rollout(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    torch.manual_seed(5)
+    big = generate(model, tokenizer, prompts, max_new_tokens=8, progress=False, return_logprobs=True)
+    torch.manual_seed(5)
+    small = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, progress=False, return_logprobs=True)
+    assert big.response_ids == small.response_ids
+    assert torch.allclose(big.sampler_logp, small.sampler_logp, atol=1e-5)
+
+
+def test_autocast_keeps_fp32_logprobs(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(6)
+    rollout = generate(model, tokenizer, _prompts(tokenizer), max_new_tokens=6, progress=False, return_logprobs=True,
+                       autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scored = token_logprobs(model, rollout.batch)
+    mask = rollout.batch.response_mask.bool()
+    # the same bf16 layers, fp32 lm_head: equal up to bf16 rounding of differently shaped matmuls
+    assert torch.allclose(rollout.sampler_logp[mask], scored[mask], atol=0.1)
+    assert rollout.sampler_logp.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_real_model_greedy_and_logprobs():
+    from rto.tasks import get_task
+
+    model, tokenizer = load_causal_lm(DEFAULT_MODEL).eval(), load_tokenizer(DEFAULT_MODEL)
+    prompts = encode_prompts(tokenizer, get_task("sentiment").prompts("train")[:4], None)
+    ours = generate(model, tokenizer, prompts, max_new_tokens=16, greedy=True, progress=False)
+    theirs = _generate_transformers(model, tokenizer, prompts, max_new_tokens=16, greedy=True, progress=False)
+    assert ours.response_ids == theirs.response_ids
+    torch.manual_seed(7)
+    rollout = generate(model, tokenizer, prompts + prompts[:2], max_new_tokens=16, progress=False,
+                       return_logprobs=True)
+    mask = rollout.batch.response_mask.bool()
+    scored = token_logprobs(model, rollout.batch)
+    assert torch.allclose(rollout.sampler_logp[mask], scored[mask], atol=1e-4)
+    assert all(not (set(r[:-1]) & eos_ids(model, tokenizer)) for r in rollout.response_ids)
