@@ -110,14 +110,20 @@ def atomic_folder(folder: str | Path, replace: bool = True):
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def save_model(model, tokenizer, folder: str | Path, replace: bool = True, meta: dict | None = None) -> Path:
+def save_model(model, tokenizer, folder: str | Path, replace: bool = True, meta: dict | None = None,
+               metrics: dict | None = None) -> Path:
     """`save_pretrained` (safetensors) of a causal LM or ValueModel plus its tokenizer, atomically
-    (see atomic_folder); `meta` (how the model was trained) goes to rto_model.json beside it."""
+    (see atomic_folder); `meta` (how the model was trained) goes to rto_model.json beside it, and a model card
+    (README.md, rto.cards) tells the base model, stage, objective, data and hyperparameters from that record and
+    the run folder's config.yaml, with `metrics` (the run's headline numbers) when given."""
+    from rto.cards import write_card
+
     with atomic_folder(folder, replace) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if meta is not None:
             (tmp / RTO_META_FILE).write_text(json.dumps(meta, indent=2))
+        write_card(tmp, metrics=metrics, role=Path(folder).name)
     return Path(folder)
 
 
@@ -247,6 +253,14 @@ def _causal_config(source: str, role: str, name: str, trust_remote_code: bool):
                              "--trust_remote_code true, for code you trust)", "config") from None
     custom = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     causal = custom or config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "text_config", None) is not None and not hasattr(config, "hidden_size"):
+        # an image-text checkpoint (e.g. Gemma3ForConditionalGeneration): its language model sits under a vision
+        # wrapper, so it has no decoder stack of its own and no hidden size for a value head
+        kind = ", ".join(getattr(config, "architectures", None) or [config.model_type or "unknown"])
+        text_type = getattr(config.text_config, "model_type", None)
+        raise ModelLoadError(role, name, f"it is an image-text model ({kind}), and rto trains text-only decoder "
+                             "LMs", "pass a text-only checkpoint of its language model"
+                             + (f" (model_type {text_type})" if text_type else ""), "not_causal_lm")
     if getattr(config, "is_encoder_decoder", False) or not causal:
         kind = ", ".join(getattr(config, "architectures", None) or [config.model_type or "unknown"])
         raise ModelLoadError(role, name, f"it is a {kind} model, not a decoder-only causal LM",
@@ -317,9 +331,11 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, role: str
     """
     source = resolve_model(name_or_path, role)
     local = Path(source).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        _check_model_folder(local, role, name_or_path)  # no config.json: says so
+    config = _causal_config(source, role, name_or_path, trust_remote_code)  # what kind of model, before its weights
     if local.is_dir():
         _check_model_folder(local, role, name_or_path)
-    config = _causal_config(source, role, name_or_path, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from rto.checkpoint import checkpoint_step, latest_checkpoint, remove_checkpoints
+from rto.config import ConfigError
 
 DONE_FILE = "DONE"
 
@@ -51,13 +53,43 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def make_accelerator(precision: str):
-    """An accelerate.Accelerator with bf16 autocast (fp32 master weights) or plain fp32."""
+# --report_to: where a run's scalars go besides metrics.jsonl, through accelerate's trackers.
+# name -> (the module it imports, the optional extra of rto-rlhf that installs it; None: a core dependency)
+TRACKERS: dict[str, tuple[str | None, str | None]] = {
+    "tensorboard": ("tensorboard", None), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow"),
+    "trackio": ("trackio", "trackio"), "none": (None, None)}
+TRACKER_PROJECT = "rto"  # the wandb and trackio project, the mlflow experiment
+
+
+def check_report_to(report_to: str) -> str:
+    """`report_to` when it names a tracker of TRACKERS whose package imports; otherwise a one-line ConfigError
+    that lists the choices, or names the optional extra that installs the missing package."""
+    if report_to not in TRACKERS:
+        raise ConfigError(f"report_to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
+    module, extra = TRACKERS[report_to]
+    if module is None:
+        return report_to
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        install = (f"pip install 'rto-rlhf[{extra}]' (in a clone: pip install -e '.[{extra}]')" if extra
+                   else "reinstall rto-rlhf")
+        raise ConfigError(f"--report_to {report_to} needs the package {module}"
+                          + (f" (the optional extra '{extra}')" if extra else "") + f", which is not installed: "
+                          f"{install}, or choose another --report_to") from None
+    return report_to
+
+
+def make_accelerator(precision: str, report_to: str = "none", run_dir: str | Path | None = None):
+    """An accelerate.Accelerator with bf16 autocast (fp32 master weights) or plain fp32, logging to the tracker
+    `report_to` (TRACKERS; "none": none) once a Run starts it, local files under `run_dir`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # stages run one after another in one process (rto pipeline)
-    return Accelerator(mixed_precision="bf16" if resolve_precision(precision) == "bf16" else "no")
+    return Accelerator(mixed_precision="bf16" if resolve_precision(precision) == "bf16" else "no",
+                       log_with=None if check_report_to(report_to) == "none" else report_to,
+                       project_dir=None if run_dir is None else str(run_dir))
 
 
 def versions() -> dict:
@@ -78,7 +110,8 @@ def to_plain(config) -> dict:
 
 
 # fields that change how a run goes, not what it computes: they may differ when a run is continued
-RUNTIME_FIELDS = {"out", "progress", "threads", "resume", "overwrite", "checkpoint_every", "keep_checkpoints"}
+RUNTIME_FIELDS = {"out", "progress", "threads", "resume", "overwrite", "checkpoint_every", "keep_checkpoints",
+                  "report_to"}
 
 
 class RunConflict(ValueError):
@@ -95,6 +128,7 @@ class NonFiniteError(FloatingPointError):
 RUN_MARKER = ".rto-run"
 LOCK_FILE = ".rto-lock"
 RUN_FOLDERS = ("checkpoints", "tb", "model", "policy", "critic", "samples", "plots")
+MODEL_FOLDERS = ("model", "policy", "critic")  # the saved models (rto.models.save_model), each with its model card
 RUN_FILES = ("config.yaml", "metrics.jsonl", "log.txt", "summary.json", DONE_FILE, "eval.json", "pairs.jsonl",
              "all_pairs.jsonl", "rollouts.jsonl", "report.md", "report.html", "pipeline.json", "recipe.yaml",
              RUN_MARKER, LOCK_FILE)
@@ -343,27 +377,31 @@ def finished_summary(cfg) -> dict | None:
 
 
 class Run:
-    """A run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, and DONE when finished.
+    """A run folder: config.yaml, metrics.jsonl, checkpoints/, and DONE when finished; with an `accelerator`
+    made with a tracker (make_accelerator's `report_to`), every logged scalar also goes to that tracker through
+    accelerate (init_trackers, log, and each tracker's finish when the run closes): TensorBoard events in tb/.
 
     With `resume_from` (a checkpoint of this folder) the run continues one that stopped at that checkpoint's
     step: metric rows and TensorBoard events past it are dropped (they are logged again); otherwise every
-    trace of an earlier attempt is.
+    trace of an earlier attempt is. `stage` (e.g. "dpo --loss ipo") names the run for the trackers and in the
+    model cards that finish() completes.
 
     The run holds its folder (claim_run_folder: rto's own, no other process writing it) until finish() or
     close(), or until it is garbage-collected (a stage that raised), or the process ends.
     """
 
-    def __init__(self, out: str | Path, config, tensorboard: bool = True, resume_from: Path | None = None):
-        self.dir = Path(out)
+    def __init__(self, out: str | Path, config, resume_from: Path | None = None, accelerator=None,
+                 stage: str | None = None):
+        self.dir, self.stage = Path(out), stage
         claim = claim_run_folder(out)
         self._release = weakref.finalize(self, claim.release)
         try:
-            self._open(config, tensorboard, resume_from)
+            self._open(config, accelerator, resume_from)
         except BaseException:
             self._release()
             raise
 
-    def _open(self, config, tensorboard: bool, resume_from: Path | None) -> None:
+    def _open(self, config, accelerator, resume_from: Path | None) -> None:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
         (self.dir / DONE_FILE).unlink(missing_ok=True)
         metrics = self.dir / "metrics.jsonl"
@@ -376,12 +414,17 @@ class Run:
         else:
             keep_rows(metrics, lambda row: row["step"] <= resume_step)
             self._metrics = open(metrics, "a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge)
+        self._accelerator = accelerator if accelerator is not None and accelerator.log_with else None
+        if self._accelerator is not None:
+            # TensorBoard writes into <project_dir>/<project name>: tb/ of the run folder; the others name a project
+            # and a run. TensorBoard gets no hyperparameters: config.yaml lies beside tb/.
+            tensorboard = [str(t) for t in self._accelerator.log_with] == ["tensorboard"]
+            name = f"{self.stage or 'rto'} ({self.dir})"
+            self._accelerator.init_trackers(
+                "tb" if tensorboard else TRACKER_PROJECT, config=None if tensorboard else to_plain(config),
+                init_kwargs={"tensorboard": {"purge_step": None if resume_step is None else resume_step + 1},
+                             "wandb": {"name": name, "dir": str(self.dir)}, "mlflow": {"run_name": name},
+                             "trackio": {"name": name}})
         self.started = time.time()
 
     def log(self, step: int, metrics: dict) -> None:
@@ -390,10 +433,8 @@ class Run:
                     for k, v in metrics.items()})
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, float) and k != "step":
-                    self._tb.add_scalar(k, v, step)
+        if self._accelerator is not None:
+            self._accelerator.log({k: v for k, v in row.items() if isinstance(v, float) and k != "step"}, step=step)
 
     def note(self, text: str) -> None:
         """Print a line and keep it in the run's log.txt."""
@@ -402,8 +443,16 @@ class Run:
             f.write(text + "\n")
 
     def finish(self, summary: dict | None = None) -> None:
+        """Write summary.json, complete the model cards of the models saved here (stage and headline metrics,
+        rto.cards), write DONE and remove the checkpoints; then close()."""
+        from rto.cards import write_card
+
         summary = {"wall_time_s": round(time.time() - self.started, 2), **(summary or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for name in MODEL_FOLDERS:
+            folder = self.dir / name
+            if (folder / "config.json").is_file() and not folder.is_symlink():
+                write_card(folder, self.stage, summary)
         (self.dir / DONE_FILE).write_text("")
         remove_checkpoints(self.dir)  # the saved model is the result; checkpoints only serve an unfinished run
         self.close()
@@ -412,8 +461,10 @@ class Run:
         """Close the logs and release the run folder (another process, or the next stage, may then use it)."""
         try:
             self._metrics.close()
-            if self._tb is not None:
-                self._tb.close()
+            if self._accelerator is not None:
+                trackers, self._accelerator.trackers = self._accelerator.trackers, []
+                for tracker in trackers:  # not accelerator.end_training(): the process group (of a multi-process
+                    tracker.finish()  # run) must outlive this stage, which is one of a pipeline's
         finally:
             self._release()
 

@@ -36,25 +36,13 @@ def row(instruction_id, kwargs=None, prompt="Write a note."):
 # every kind the prompts use: (kwargs, an answer that follows it, one that does not), written by hand
 CASES = {
     make.NO_COMMA: ({}, "Thanks for watering the plants while I was away.", "Thanks, neighbour, for the help."),
-    make.LOWER: ({}, "please remember to bring the chocolate cake to the party on saturday evening.",
-                 "Please remember to bring the chocolate cake to the party on Saturday evening."),
-    # (langdetect, which the case checkers consult, reads some all-caps English as another language)
-    make.UPPER: ({}, "THANK YOU FOR WATERING MY PLANTS WHILE I WAS AWAY ON HOLIDAY.",
-                 "THANK YOU for watering my plants while I was away on holiday."),
     make.WORDS: ({"num_words": 10, "relation": "less than"}, "The bus leaves at eight tomorrow.",
                  "The bus leaves at eight tomorrow morning so please be at the stop early today."),
-    make.PARAGRAPHS: ({"num_paragraphs": 2}, "The garden needs water.\n\n***\n\nThe tomatoes are ripe.",
-                      "The garden needs water. The tomatoes are ripe."),
     make.KEYWORD: ({"keywords": ["today", "soon"]}, "Come by today and see you soon.", "Come by tomorrow."),
     make.FORBIDDEN: ({"forbidden_words": ["garden"]}, "The plants look lovely.", "The Garden looks lovely."),
-    make.FREQUENCY: ({"keyword": "soon", "frequency": 2, "relation": "at least"}, "Soon, very soon.",
-                     "See you soon."),
-    make.END: ({"end_phrase": "See you soon!"}, "The party starts at six. See you soon!",
-               "See you soon! The party starts at six."),
-    make.QUOTES: ({}, '"Bring an umbrella tomorrow."', "Bring an umbrella tomorrow."),
+    make.FREQUENCY: ({"keyword": "garden", "frequency": 2, "relation": "at least"},
+                     "The garden is open: come and see the Garden.", "The garden is open."),
     make.TITLE: ({}, "<<Lost cat>>\nHave you seen a grey cat?", "Lost cat: have you seen a grey cat?"),
-    make.BULLETS: ({"num_bullets": 3}, "* eggs\n* milk\n* bread", "* eggs\n* milk"),
-    make.JSON: ({}, '{"note": "The bins go out on Tuesday."}', "The bins go out on Tuesday."),
     make.HIGHLIGHTS: ({"num_highlights": 2}, "Bring *gloves* and *a spade*.", "Bring *gloves* and a spade."),
     make.POSTSCRIPT: ({"postscript_marker": "P.S."}, "See you at noon.\nP.S. Bring snacks.", "See you at noon."),
     make.PLACEHOLDERS: ({"num_placeholders": 2}, "Dear [name], meet me at [place].",
@@ -77,7 +65,11 @@ def test_more_cases_of_some_kinds(scorer):
     cases = [
         (make.WORDS, {"num_words": 5, "relation": "at least"}, "Please bring the ladder back.", "Hi there."),
         (make.POSTSCRIPT, {"postscript_marker": "P.P.S"}, "Hello.\nP.P.S. One more thing.", "Hello.\nP.S. Hi."),
-        (make.JSON, {}, '```json\n{"a": 1}\n```', '{"a": 1'),  # IFEval strips a markdown fence
+        (make.WORDS, {"num_words": 3, "relation": "less than"}, "See you.", "See you soon."),  # 3 words is not < 3
+        (make.HIGHLIGHTS, {"num_highlights": 1}, "Bring **gloves**.", "Bring * * gloves."),  # empty marks: none
+        (make.PLACEHOLDERS, {"num_placeholders": 1}, "Hi [name].", "Hi (name)."),
+        (make.FREQUENCY, {"keyword": "cake", "frequency": 3, "relation": "at least"}, "Cake, cake and cake.",
+         "Cake and cake."),
         (make.FORBIDDEN, {"forbidden_words": ["rain"]}, "A rainy day.", "Rain again."),  # whole words only
     ]
     for kind, kwargs, good, bad in cases:
@@ -102,7 +94,7 @@ def test_by_kind_lists_every_instruction_in_order(scorer):
 def test_scores_are_deterministic(scorer, file_rows):
     texts = ["ok thanks see you", "merci beaucoup", "the cat is back home", "LOST CAT FOUND",
              "ja", "hello there friend"] * 2
-    for kind in (make.LOWER, make.UPPER):
+    for kind in ("change_case:english_lowercase", "change_case:english_capital"):  # langdetect is seeded
         rows = [row(kind)] * len(texts)
         first = scorer(texts, rows)
         assert all(IFEvalScorer()(texts, rows) == first for _ in range(3))
@@ -115,7 +107,7 @@ def test_bad_rows_stop_with_one_line(scorer):
     with pytest.raises(ValueError, match="unknown instruction id 'no:such'"):
         scorer(["hi"], [row("no:such")])
     with pytest.raises(ValueError, match="refuses the kwargs") as e:
-        scorer(["hi"], [row(make.BULLETS, {"bullets": 3})])
+        scorer(["hi"], [row(make.PLACEHOLDERS, {"placeholders": 3})])
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="2 answers but 1 prompt rows"):
         scorer(["a", "b"], [row(make.NO_COMMA)])
@@ -150,7 +142,7 @@ def test_prompt_file_counts(file_rows):
     assert len({r["prompt"] for r in file_rows}) == len(file_rows)
     for r in file_rows:
         assert set(r) == {"prompt", "topic", "request", "split", "instruction_id_list", "kwargs"}
-        assert r["topic"] in r["prompt"] and 1 <= len(r["instruction_id_list"]) <= 2
+        assert r["topic"] in r["prompt"] and len(r["instruction_id_list"]) == 2
         assert len(set(r["instruction_id_list"])) == len(r["instruction_id_list"])
         assert check_row(r) is None
     counts = Counter(i for r in file_rows for i in r["instruction_id_list"])
@@ -178,6 +170,20 @@ def test_no_prompt_pairs_conflicting_kinds(file_rows):
         ids = r["instruction_id_list"]
         if len(ids) == 2:
             assert (ids[0], ids[1]) not in make.CONFLICTS, r["prompt"]
+
+
+def test_each_prompt_states_its_constraints(file_rows):
+    nouns = dict(make.TRAIN_TOPICS + make.EVAL_TOPICS)
+    in_words = {(make.PLACEHOLDERS, 1): ["a placeholder"], (make.HIGHLIGHTS, 1): ["at least one p"]}
+    for r in file_rows:
+        for kind, kwargs in zip(r["instruction_id_list"], r["kwargs"]):
+            values = [v for key, v in kwargs.items() if key != "relation"]
+            for v in [w for v in values for w in (v if isinstance(v, list) else [v])]:
+                said = [f'"{v}"'] if isinstance(v, str) and kind != make.POSTSCRIPT else [str(v)]
+                said += in_words.get((kind, v), [])
+                assert any(text in r["prompt"] for text in said), r
+            if kind in (make.FORBIDDEN, make.FREQUENCY):  # the topic's own noun: the word the model reaches for
+                assert kwargs.get("forbidden_words", [kwargs.get("keyword")]) == [nouns[r["topic"]]]
 
 
 def test_every_row_is_accepted_by_its_checkers(scorer, file_rows):
@@ -295,5 +301,38 @@ def test_the_ifeval_recipe_is_the_demo_on_this_task():
                                                         "demo.yaml", {})}
     assert list(configs) == list(demo)
     assert all(configs[n].task == "ifeval" for n in ("pairs", "ppo", "rto", "eval"))
-    for name in ("ppo", "rto"):  # the same PPO budget as the demo
-        assert (configs[name].iterations, configs[name].rollout_size) == (demo[name].iterations, demo[name].rollout_size)
+    # every stage that samples answers gives them the budget the prompts are sized for
+    assert {configs[n].max_new_tokens for n in ("pairs", "ppo", "rto", "eval")} == {make.ANSWER_TOKENS}
+    fields = ("iterations", "rollout_size", "ppo_epochs", "minibatch_size", "actor_lr", "critic_lr", "seed")
+    assert [getattr(configs["ppo"], f) for f in fields] == [getattr(configs["rto"], f) for f in fields]  # paired
+    assert [getattr(configs["ppo"], f) for f in fields[1:4]] == [getattr(demo["ppo"], f) for f in fields[1:4]]
+
+
+# --- the baseline benchmark's counting (benchmarks/ifeval_baseline.py) --------------------------------------------
+
+def test_baseline_counts_ties_as_the_pairs_stage_does():
+    from benchmarks.ifeval_baseline import prompt_means, tied_prompts
+
+    scores = [0.5, 0.5, 0.5, 0.5, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0, 0.0, 0.0]
+    usable = [True] * 8 + [False, True, True, True]  # the only different sample of prompt 3 is empty: no pair
+    assert tied_prompts(scores, usable, 4) == [True, False, True]
+    assert tied_prompts([1.0, 0.0], [True, False], 2) == [True]  # fewer than two answers
+    assert prompt_means(scores, 4).tolist() == [0.5, 0.5, 0.25]
+
+
+def test_baseline_counts_each_kind_and_argument():
+    from benchmarks.ifeval_baseline import argument_label, follow_counts, markdown_table
+
+    assert argument_label({"num_words": 20, "relation": "less than"}) == "<20"
+    assert argument_label({"keyword": "cat", "frequency": 2, "relation": "at least"}) == ">=2"
+    assert argument_label({"keywords": ["a", "b"]}) == "2 words"
+    assert argument_label({"num_placeholders": 3}) == "num_placeholders=3" and argument_label({}) == ""
+    rows = [row([make.NO_COMMA, make.WORDS], [{}, {"num_words": 20, "relation": "less than"}]),
+            row([make.WORDS], [{"num_words": 30, "relation": "at least"}])]
+    results = [[(make.NO_COMMA, True), (make.WORDS, False)], [(make.WORDS, True)]]
+    assert follow_counts(results, rows) == {make.NO_COMMA: {"followed": 1, "asked": 1, "rate": 1.0},
+                                            make.WORDS: {"followed": 1, "asked": 2, "rate": 0.5}}
+    by_arg = follow_counts(results, rows, by_argument=True)
+    assert by_arg[f"{make.WORDS} [<20]"]["rate"] == 0.0 and by_arg[f"{make.WORDS} [>=30]"]["rate"] == 1.0
+    assert markdown_table(follow_counts(results, rows)).splitlines()[2:] == [f"| {make.NO_COMMA} | 1.00 | 1 |",
+                                                                             f"| {make.WORDS} | 0.50 | 2 |"]

@@ -19,8 +19,10 @@ METHODS = {  # recipe -> (stage name, field, value) that sets its method
     "semi-rto.yaml": [("rto", "granularity", "sentence")],
     "delayed.yaml": [("rto", "granularity", "delayed")],
     "rs-ppo.yaml": [("rto", "granularity", "shaping")],
-    "grpo.yaml": [("ppo", "estimator", "grpo"), ("rto", "estimator", "grpo"), ("rto", "group_size", 4)],
-    "rloo.yaml": [("ppo", "estimator", "rloo"), ("rto", "estimator", "rloo"), ("ppo", "group_size", 4)],
+    "grpo.yaml": [(stage, field, value) for stage in ("ppo", "rto") for field, value in (("estimator", "grpo"),
+                                                                                         ("group_size", 4))],
+    "rloo.yaml": [(stage, field, value) for stage in ("ppo", "rto") for field, value in (("estimator", "rloo"),
+                                                                                         ("group_size", 4))],
     "reinforce-pp.yaml": [("ppo", "estimator", "reinforce++"), ("rto", "estimator", "reinforce++")],
 }
 

@@ -21,7 +21,8 @@ from rto.data import PreferencePair, load_preferences
 from rto.models import check_tokenizers, load_tokenizer
 from rto.trunk import checked_trunk_layers
 from rto.rollout import encode_prompts, encode_response
-from rto.runtime import NonFiniteError, Run, folder_state, make_accelerator, resolve_precision, seed_everything
+from rto.runtime import (NonFiniteError, Run, check_report_to, folder_state, make_accelerator, resolve_precision,
+                         seed_everything)
 from rto.sequences import SeqBatch, collate
 
 
@@ -44,9 +45,11 @@ class Common:
     resume: bool | None = None  # null: continue from the last checkpoint in `out` if any; false: start over
     overwrite: bool = False  # allow replacing the results of a run with a different config in `out`
     max_prompt_tokens: int = 256  # prompts longer than this (chat template applied) are skipped, with a count
+    report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | trackio | none: where metrics go besides metrics.jsonl
 
     def __post_init__(self):
         check_fields(self)  # every field within its range (rto.config.RULES), whatever built the config
+        check_report_to(self.report_to)  # a known tracker whose package is installed (its extra named if not)
 
 
 @dataclass
@@ -81,8 +84,8 @@ class PairTraining(Checkpointing, Optimization, Common):
 
 
 def start(cfg: Common, name: str) -> tuple[Run, object]:
-    """Seed everything, open the run folder (resuming from its last checkpoint when the same config stopped
-    there, see runtime.folder_state) and create the accelerator; returns (run, accelerator).
+    """Seed everything, create the accelerator (with the tracker `cfg.report_to`), open the run folder (resuming
+    from its last checkpoint when the same config stopped there, see runtime.folder_state); returns (run, accelerator).
 
     The folder is claimed first (runtime.claim_run_folder: rto's own, no symbolic links where rto writes, no
     other process using it), so nothing in it is read for a decision or changed before; the run holds it
@@ -92,10 +95,10 @@ def start(cfg: Common, name: str) -> tuple[Run, object]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
+    accelerator = make_accelerator(cfg.precision, cfg.report_to, cfg.out)
     with claim_run_folder(cfg.out):
         resume_from = latest_checkpoint(cfg.out) if folder_state(cfg) == "resume" else None
-        run = Run(cfg.out, cfg, resume_from=resume_from)
-    accelerator = make_accelerator(cfg.precision)
+        run = Run(cfg.out, cfg, resume_from=resume_from, accelerator=accelerator, stage=name)
     run.note(f"{name}: precision {resolve_precision(cfg.precision)}, device {accelerator.device}, out {run.dir}"
              + (f"; resuming from {resume_from}" if resume_from else ""))
     return run, accelerator

@@ -6,6 +6,8 @@ PPO normalises scores with them: r_norm = (r - mean) / std.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,32 @@ class RMConfig(PairTraining):
     pooling: str = "last"  # score = head output on the last token, or its mean over the response ("mean")
 
 
+def reward_statistics(score_pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Mean, std and accuracy of reward scores that arrive as (chosen, rejected) batches, in one pass that
+    keeps only running sums (memory independent of the number of batches).
+
+    Each batch's scores x_1..x_b (chosen and rejected together) give, in float64, b, their mean m_b and
+    M2_b = sum_i (x_i - m_b)^2, merged into the running (n, m, M2) by Chan et al.'s rule:
+        delta = m_b - m,  m <- m + delta * b / (n + b),  M2 <- M2 + M2_b + delta^2 * n * b / (n + b),  n <- n + b.
+    reward_std = sqrt(M2 / (n - 1)) (the unbiased std, as torch.std), at least 1e-6; train_accuracy = the share
+    of pairs whose chosen score is above the rejected one.
+    """
+    n = mean = m2 = 0.0
+    pairs = wins = 0
+    for chosen, rejected in score_pairs:
+        x = torch.cat([chosen, rejected]).detach().double()
+        b, m_b = x.numel(), float(x.mean())
+        m2_b = float(((x - m_b) ** 2).sum())
+        delta = m_b - mean
+        mean += delta * b / (n + b)
+        m2 += m2_b + delta * delta * n * b / (n + b)
+        n += b
+        pairs += len(chosen)
+        wins += int((chosen > rejected).sum())
+    std = math.sqrt(m2 / (n - 1)) if n > 1 else float("nan")
+    return {"reward_mean": mean, "reward_std": max(std, 1e-6), "train_accuracy": wins / pairs}
+
+
 def run(cfg: RMConfig) -> dict:
     run_, accelerator = start(cfg, "rm")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, role="model")
@@ -48,34 +76,23 @@ def run(cfg: RMConfig) -> dict:
         batch = pair_batch(tokenizer, items, cfg.system_prompt, cfg.max_response_tokens).to(accelerator.device)
         return batch, shared_trunk(model, batch, n_frozen)
 
-    final_epoch: dict = {}  # (batch, frozen trunk) of the steps of the final epoch: the statistics pass reuses them
-
-    def loss_fn(epoch, items):
-        batch, trunk = encoded(items)
-        if epoch == cfg.epochs - 1:
-            final_epoch[tuple(map(id, items))] = (batch, trunk)
-        return bradley_terry_loss(*scores(batch, trunk))
-
-    steps = fit(run_, accelerator, model, param_groups(model, cfg.lr, cfg.head_lr), train, cfg, loss_fn,
-                "reward model")
+    steps = fit(run_, accelerator, model, param_groups(model, cfg.lr, cfg.head_lr), train, cfg,
+                lambda epoch, items: bradley_terry_loss(*scores(*encoded(items))), "reward model")
 
     with accelerator.autocast(), torch.no_grad():
-        # reward statistics of the training responses under the final weights, in the batches of the final
-        # epoch (which saw each pair once); batches trained before a resume are encoded again
-        final = [scores(*final_epoch.get(tuple(map(id, items))) or encoded(items))
-                 for epoch, items in batches(train, cfg.batch_size, cfg.epochs, cfg.seed) if epoch == cfg.epochs - 1]
-        chosen, rejected = torch.cat([c for c, _ in final]), torch.cat([r for _, r in final])
-        all_scores = torch.cat([chosen, rejected]).float()
+        # reward statistics of the training responses under the final weights, in the batches of the final epoch
+        # (which saw each pair once), streamed: one batch is encoded and scored at a time, then dropped
+        final = (scores(*encoded(items)) for epoch, items in batches(train, cfg.batch_size, cfg.epochs, cfg.seed)
+                 if epoch == cfg.epochs - 1)
         summary = {"steps": steps, "train_pairs": len(train), "heldout_pairs": len(heldout),
-                   "reward_mean": float(all_scores.mean()), "reward_std": float(all_scores.std().clamp(min=1e-6)),
-                   "train_accuracy": float((chosen > rejected).float().mean())}
+                   **reward_statistics(final)}
         if heldout:
             hc, hr = score_in_batches(lambda items: scores(*encoded(items)), heldout, 2 * cfg.batch_size)
             summary["heldout_accuracy"] = float((hc > hr).float().mean())
     model.meta.update({k: summary[k] for k in ("reward_mean", "reward_std")})
     model.meta["trained_on"] = str(cfg.pairs)
     model.meta["pooling"] = cfg.pooling
-    save_model(model, tokenizer, run_.dir / "model")
+    save_model(model, tokenizer, run_.dir / "model", metrics=summary)
     run_.note(f"rm: {steps} steps; train accuracy {summary['train_accuracy']:.3f}, held-out "
               f"{summary.get('heldout_accuracy', float('nan')):.3f} on {len(heldout)} pairs; "
               f"reward mean {summary['reward_mean']:.3f} std {summary['reward_std']:.3f} -> {run_.dir / 'model'}")

@@ -1,5 +1,5 @@
-"""The embedded instruction-following task: everyday requests with verifiable constraints, scored by the IFEval
-checkers.
+"""The embedded instruction-following task: short everyday requests with two verifiable constraints each, scored by
+the IFEval checkers.
 
 Each prompt (rto/tasks/ifeval_prompts.jsonl, written by rto/tasks/make_ifeval_prompts.py) carries IFEval's
 ``instruction_id_list`` and ``kwargs``. The gold score of an answer is the share of its prompt's instructions it
@@ -116,7 +116,7 @@ class IFEvalScorer:
 
 IFEVAL = register_task(Task(
     name="ifeval",
-    description="Everyday requests (notes, reminders, tips, flyers...) with one or two verifiable constraints; "
+    description="Short everyday requests (reminders, notes, captions, tips...) with two verifiable constraints; "
                 "gold score: the share of the prompt's constraints the answer follows (IFEval checkers, strict). "
                 "Eval topics are unseen in train. Needs the extra rto[ifeval].",
     prompts_file=PROMPTS_FILE,

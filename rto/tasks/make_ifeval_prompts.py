@@ -3,13 +3,19 @@
     python -m rto.tasks.make_ifeval_prompts            # rewrites the file (same bytes for the same SEED)
     python -m rto.tasks.make_ifeval_prompts --out F    # writes elsewhere
 
-Each prompt is an everyday request about one topic (a note to a neighbour, a reminder, a tip, a flyer...)
-followed by one or two constraints that the IFEval checkers verify offline. Each row is in IFEval's layout:
-``instruction_id_list`` and ``kwargs`` (one dict per instruction, with the argument names of the checker's
-``build_description``), plus ``topic``, ``request`` and ``split``. Train and eval topics are disjoint: every
-train topic appears with every request in train, every eval topic with every request in eval. Kinds that need
-NLTK's punkt data (sentence counts, capital-word counts) are left out, and so are the language checker and the
-prompt-dependent ones.
+Each prompt is a short everyday request about one topic (a one-line reminder, a two-sentence note, a photo
+caption, a tip...) followed by two constraints of different kinds that the IFEval checkers verify offline. Each
+row is in IFEval's layout: ``instruction_id_list`` and ``kwargs`` (one dict per instruction, with the argument
+names of the checker's ``build_description``), plus ``topic``, ``request`` and ``split``. Train and eval topics
+are disjoint: every train topic appears with every request in train, every eval topic with every request in eval.
+
+The task is sized for SmolLM2-135M-Instruct sampled at temperature 1 with answers of at most ANSWER_TOKENS
+(48) tokens; ``python -m benchmarks.ifeval_baseline`` measures it. The kinds and argument ranges kept are those
+that model follows sometimes but not always, so that 4 samples of a prompt rarely all score the same. Requests
+ask for short answers, so most answers end within the budget and a postscript can be reached. Left out because
+the model (almost) never follows them at this size: all lowercase, all capitals, JSON, quotes, an end phrase,
+paragraph and bullet counts; left out because they need NLTK's punkt data: sentence and capital-word counts; the
+language checker and the prompt-dependent kinds are left out too.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from pathlib import Path
 
 SEED = 20261201
 OUT = Path(__file__).with_name("ifeval_prompts.jsonl")
+ANSWER_TOKENS = 48  # the answer budget (max_new_tokens) the kinds and arguments below are sized for
 
-# (topic, its main noun: a candidate forbidden word). 100 train topics, 15 eval topics.
+# (topic, its main noun: the word to forbid or to repeat). 100 train topics, 15 eval topics.
 TRAIN_TOPICS = [
     ("the community garden", "garden"), ("homemade bread", "bread"), ("a new coffee maker", "coffee"),
     ("recycling day", "recycling"), ("a lost cat", "cat"), ("the school bake sale", "sale"),
@@ -68,53 +75,35 @@ EVAL_TOPICS = [
 ]
 
 REQUESTS = {
-    "note": "Write a short note to your neighbour about {topic}.",
-    "reminder": "Write a reminder for a friend about {topic}.",
-    "description": "Describe {topic} in a few lines.",
-    "tip": "Give one practical tip about {topic}.",
-    "post": "Write a short post for the local community board about {topic}.",
-    "message": "Write a text message to a coworker about {topic}.",
-    "flyer": "Write a short blurb for a flyer about {topic}.",
-    "explain": "Explain {topic} to a ten-year-old.",
-    "email": "Write a brief email to your aunt about {topic}.",
-    "thanks": "Write a thank-you message that mentions {topic}.",
+    "reminder": "Write a one-line reminder for a friend about {topic}.",
+    "note": "Write a two-sentence note to your neighbour about {topic}.",
+    "caption": "Write a short caption for a photo of {topic}.",
+    "sentence": "Write one sentence about {topic}.",
+    "message": "Write a one-line text message to a coworker about {topic}.",
+    "tip": "Give one quick tip about {topic}.",
+    "thanks": "Write a two-sentence thank-you message that mentions {topic}.",
+    "post": "Write a two-sentence post for the local community board about {topic}.",
+    "description": "Describe {topic} in one or two sentences.",
+    "flyer": "Write a two-line blurb for a flyer about {topic}.",
 }
 
 KEYWORDS = ["today", "weekend", "together", "please", "morning", "simple", "friendly", "quick", "careful",
             "favourite", "tomorrow", "thanks", "welcome", "easy", "soon", "happy", "kind", "early", "fun", "home"]
-PLAIN_WORDS = ["very", "really", "great", "nice", "good", "just", "thing", "amazing", "lovely", "perfect"]
-END_PHRASES = ["See you soon!", "Thanks for reading.", "Have a great day!", "Let me know what you think.",
-               "That is all for now.", "Any other questions?", "Talk soon.", "Take care."]
 
 NO_COMMA = "punctuation:no_comma"
-LOWER = "change_case:english_lowercase"
-UPPER = "change_case:english_capital"
 WORDS = "length_constraints:number_words"
-PARAGRAPHS = "length_constraints:number_paragraphs"
 KEYWORD = "keywords:existence"
 FORBIDDEN = "keywords:forbidden_words"
 FREQUENCY = "keywords:frequency"
-END = "startend:end_checker"
-QUOTES = "startend:quotation"
 TITLE = "detectable_format:title"
-BULLETS = "detectable_format:number_bullet_lists"
-JSON = "detectable_format:json_format"
 HIGHLIGHTS = "detectable_format:number_highlighted_sections"
 POSTSCRIPT = "detectable_content:postscript"
 PLACEHOLDERS = "detectable_content:number_placeholders"
 
-KINDS = [NO_COMMA, LOWER, UPPER, WORDS, PARAGRAPHS, KEYWORD, FORBIDDEN, FREQUENCY, END, QUOTES, TITLE, BULLETS,
-         JSON, HIGHLIGHTS, POSTSCRIPT, PLACEHOLDERS]
+KINDS = [NO_COMMA, WORDS, KEYWORD, FORBIDDEN, FREQUENCY, TITLE, HIGHLIGHTS, POSTSCRIPT, PLACEHOLDERS]
 
-# pairs that contradict each other or that one checker's markup would break for the other
-_CONFLICTS = [
-    (LOWER, UPPER), (LOWER, POSTSCRIPT), (LOWER, END), (END, POSTSCRIPT), (QUOTES, BULLETS), (UPPER, PLACEHOLDERS),
-    (BULLETS, HIGHLIGHTS), (BULLETS, PARAGRAPHS), (HIGHLIGHTS, PARAGRAPHS), (KEYWORD, FREQUENCY),
-]
-CONFLICTS = {(a, b) for a, b in _CONFLICTS} | {(b, a) for a, b in _CONFLICTS}
-# JSON goes only with the kinds that read words, not layout
-CONFLICTS |= {(JSON, k) for k in KINDS if k not in (KEYWORD, FORBIDDEN, FREQUENCY, WORDS)}
-CONFLICTS |= {(k, JSON) for k in KINDS if k not in (KEYWORD, FORBIDDEN, FREQUENCY, WORDS)}
+# the forbidden word and the word to repeat are both the topic's noun: never in the same prompt
+CONFLICTS = {(FORBIDDEN, FREQUENCY), (FREQUENCY, FORBIDDEN)}
 
 
 def _quoted(words: list[str]) -> str:
@@ -123,93 +112,63 @@ def _quoted(words: list[str]) -> str:
 
 
 def constraint(kind: str, rng: random.Random, noun: str, used: set[str]) -> tuple[str, dict]:
-    """One constraint of `kind`: (its text in the prompt, its checker kwargs). `used` holds the words other
-    constraints of the same prompt already require or forbid."""
+    """One constraint of `kind`: (its text in the prompt, its checker kwargs). `noun` is the topic's main noun;
+    `used` holds the words other constraints of the same prompt already require or forbid."""
     pick = rng.choice
     if kind == NO_COMMA:
         return pick(["Do not use any commas.", "Your answer must not contain a single comma.",
                      "Avoid commas entirely in your reply."]), {}
-    if kind == LOWER:
-        return pick(["Write your entire answer in lowercase letters; no capital letters at all.",
-                     "Use only lowercase letters in your whole reply.",
-                     "Your whole response must be in English and in lowercase, with no capital letters."]), {}
-    if kind == UPPER:
-        return pick(["Write your entire answer in capital letters.",
-                     "Your whole reply must be in English and in all capital letters.",
-                     "Use only uppercase letters in your response."]), {}
     if kind == WORDS:
-        if rng.random() < 0.7:
-            n = pick([15, 20, 25, 30, 40, 50, 60])
+        if rng.random() < 0.5:
+            n = pick([15, 20, 25])
             return pick([f"Use fewer than {n} words.", f"Keep it under {n} words.",
                          f"Answer in less than {n} words."]), {"num_words": n, "relation": "less than"}
-        n = pick([5, 10, 15, 20, 25])
+        n = pick([25, 30, 35])
         return pick([f"Use at least {n} words.", f"Write no fewer than {n} words."]), \
             {"num_words": n, "relation": "at least"}
-    if kind == PARAGRAPHS:
-        n = pick([2, 3])
-        return (f"Write exactly {n} paragraphs, separated from each other by the markdown divider ***.",
-                {"num_paragraphs": n})
     if kind == KEYWORD:
-        words = rng.sample([w for w in KEYWORDS if w not in used], pick([1, 1, 2]))
+        words = rng.sample([w for w in KEYWORDS if w not in used], pick([1, 1, 1, 2]))
         used.update(words)
         text = (f"Include the word {_quoted(words)} in your answer." if len(words) == 1 else
                 pick([f"Make sure the words {_quoted(words)} both appear.",
                       f"Your reply must include the keywords {_quoted(words)}."]))
         return text, {"keywords": words}
     if kind == FORBIDDEN:
-        pool = [noun] if noun not in used and rng.random() < 0.5 else [w for w in PLAIN_WORDS if w not in used]
-        words = rng.sample(pool, min(len(pool), pick([1, 1, 2])))
-        used.update(words)
-        text = pick([f"Do not use the word {_quoted(words)}.", f"Never write the word {_quoted(words)}."]) \
-            if len(words) == 1 else f"Do not use the words {_quoted(words)}."
-        return text, {"forbidden_words": words}
-    if kind == FREQUENCY:
-        word, n = pick([w for w in KEYWORDS if w not in used]), pick([2, 3])
-        used.add(word)
-        return pick([f'Use the word "{word}" at least {n} times.',
-                     f'The word "{word}" should appear at least {n} times.']), \
-            {"keyword": word, "frequency": n, "relation": "at least"}
-    if kind == END:
-        phrase = pick(END_PHRASES)
-        return pick([f'End your answer with the exact phrase "{phrase}" and nothing after it.',
-                     f'Finish your reply with "{phrase}"; no other words should follow.']), {"end_phrase": phrase}
-    if kind == QUOTES:
-        return pick(["Wrap your entire answer in double quotation marks.",
-                     "Put your whole reply inside double quotes."]), {}
+        used.add(noun)
+        return pick([f'Do not use the word "{noun}".', f'Never write the word "{noun}".']), \
+            {"forbidden_words": [noun]}
+    if kind == FREQUENCY:  # twice: 3 times was met by 1 answer in 40 in a first measurement at 48 tokens
+        used.add(noun)
+        return pick([f'Use the word "{noun}" at least 2 times.',
+                     f'The word "{noun}" should appear at least 2 times.']), \
+            {"keyword": noun, "frequency": 2, "relation": "at least"}
     if kind == TITLE:
         return pick(["Give your answer a title wrapped in double angular brackets, such as <<my title>>.",
                      "Start with a title in double angular brackets, like <<a title>>."]), {}
-    if kind == BULLETS:
-        n = pick([2, 3, 4, 5])
-        return (f"Answer with exactly {n} bullet points, using markdown bullets such as:\n* first point\n"
-                f"* second point"), {"num_bullets": n}
-    if kind == JSON:
-        return pick(["Format your entire answer as JSON.", "Wrap your whole reply in JSON format.",
-                     "Your entire output must be valid JSON."]), {}
-    if kind == HIGHLIGHTS:
-        n = pick([1, 2, 3])
-        return (f"Highlight at least {n} part{'s' if n > 1 else ''} of your answer with markdown, "
-                f"i.e. *highlighted part*."), {"num_highlights": n}
+    if kind == HIGHLIGHTS:  # one part: two were met by 1 answer in 11 in a first measurement at 48 tokens
+        return pick(["Highlight at least one part of your answer with markdown, i.e. *highlighted part*.",
+                     "Highlight at least one phrase of your reply with markdown, i.e. *highlighted phrase*."]), \
+            {"num_highlights": 1}
     if kind == POSTSCRIPT:
         marker = pick(["P.S.", "P.P.S"])
         return f"At the end of your answer, add a postscript starting with {marker}", {"postscript_marker": marker}
     if kind == PLACEHOLDERS:
         n = pick([1, 2, 3])
-        return (f"Include at least {n} placeholder{'s' if n > 1 else ''} in square brackets, such as [name]."
+        return (f"Include at least {n} placeholders in square brackets, such as [name]."
                 if n > 1 else "Include a placeholder in square brackets, such as [name]."), {"num_placeholders": n}
     raise ValueError(f"make_ifeval_prompts: unknown instruction kind {kind!r}; use one of {', '.join(KINDS)}")
 
 
 def make_rows(seed: int = SEED) -> list[dict]:
+    """Every prompt row, train then eval: each topic with each request, and two constraints of different,
+    non-conflicting kinds (the first kind uniform over KINDS, the second uniform over the rest)."""
     rng = random.Random(seed)
     rows = []
     for split, topics in (("train", TRAIN_TOPICS), ("eval", EVAL_TOPICS)):
         for topic, noun in topics:
             for request, template in REQUESTS.items():
                 first = rng.choice(KINDS)
-                kinds = [first]
-                if rng.random() < 0.5:
-                    kinds.append(rng.choice([k for k in KINDS if k != first and (first, k) not in CONFLICTS]))
+                kinds = [first, rng.choice([k for k in KINDS if k != first and (first, k) not in CONFLICTS])]
                 used: set[str] = set()
                 texts, kwargs = [], []
                 for kind in kinds:

@@ -1,0 +1,1 @@
+"""Benchmarks of rto: throughput (benchmarks.throughput) and generation speed."""

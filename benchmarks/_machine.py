@@ -1,0 +1,103 @@
+"""The machine's own limits, measured in the run that uses them: fp32 (and native bf16) matmul rates at the
+model's shapes, memory bandwidth, and what the CPU is (model name, flags, cores)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info(text: str) -> dict:
+    """Model name, flags and logical CPU count from the text of /proc/cpuinfo (first processor's entries)."""
+    fields: dict[str, str] = {}
+    count = 0
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            count += 1
+        if key and key not in fields:
+            fields[key] = value.strip()
+    flags = fields.get("flags", "").split()
+    return {"model": fields.get("model name", platform.processor() or "unknown"), "logical_cpus": count,
+            "flags": flags, "vector_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))}
+
+
+def native_bf16(flags: list[str]) -> bool:
+    """bf16 matmuls run natively only with AVX512-BF16 or AMX (elsewhere torch emulates them, far slower)."""
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
+def matmul_shapes(hidden: int, intermediate: int, vocab: int, rows: int) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of the model's weight matmuls for `rows` token rows: attention in/out, MLP up/down, LM head."""
+    return {"attn": (rows, hidden, hidden), "mlp_up": (rows, hidden, intermediate),
+            "mlp_down": (rows, intermediate, hidden), "lm_head": (rows, hidden, vocab)}
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype, seconds: float = 0.5, threads: int | None = None) -> float:
+    """Best-of-5 rate of `(m x k) @ (k x n)` in GFLOP/s (2*m*k*n FLOPs a product), each sample `seconds` long."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    a @ b
+    reps = max(1, int(seconds / max(time.perf_counter() - start, 1e-6)))
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def copy_bandwidth_gbs(mbytes: int = 512, repeats: int = 5) -> float:
+    """Best memory bandwidth of `dst.copy_(src)` over a `mbytes` MB fp32 tensor, counting read + write (GB/s)."""
+    import torch
+
+    src = torch.randn(mbytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * src.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def measure_limits(hidden: int, intermediate: int, vocab: int, row_counts: dict[str, int], quick: bool) -> dict:
+    """fp32 matmul GFLOP/s at every model shape for each row count (e.g. decode 32x1, score 32x80), bf16 ones
+    only on CPUs with native bf16, the copy bandwidth; `peak_fp32_gflops` is the best fp32 rate seen."""
+    import torch
+
+    info = cpu_info(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
+    bf16 = native_bf16(info["flags"])
+    seconds = 0.1 if quick else 0.4
+    rates: dict[str, dict[str, float]] = {}
+    for label, rows in row_counts.items():
+        for name, (m, k, n) in matmul_shapes(hidden, intermediate, vocab, rows).items():
+            rates.setdefault("fp32", {})[f"{label}/{name} {m}x{k}x{n}"] = matmul_gflops(m, k, n, torch.float32, seconds)
+            if bf16:
+                rates.setdefault("bf16", {})[f"{label}/{name} {m}x{k}x{n}"] = matmul_gflops(m, k, n, torch.bfloat16,
+                                                                                             seconds)
+    by_rows = {label: max(v for key, v in rates["fp32"].items() if key.startswith(label + "/")) for label in row_counts}
+    return {
+        "cpu": {"model": info["model"], "logical_cpus": info["logical_cpus"], "os_cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "vector_flags": info["vector_flags"],
+                "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": bf16,
+                "machine": platform.machine()},
+        "matmul_gflops": rates,
+        "best_fp32_gflops_by_rows": by_rows,
+        "peak_fp32_gflops": max(rates["fp32"].values()),
+        "bf16_note": None if bf16 else "bf16 not measured: this CPU has no native bf16 (no avx512_bf16 / amx flags)",
+        "copy_bandwidth_gbs": copy_bandwidth_gbs(128 if quick else 512),
+    }

@@ -1,0 +1,95 @@
+"""Generation speed: transformers' `generate` (the old path) against rto's decode loop, in one process.
+
+`python -m benchmarks.generation` samples responses to the demo's rollout (32 train prompts of the sentiment
+task with the chat template's default system prompt, max_new_tokens 40, T = 1, top_k 0, top_p 1) from
+SmolLM2-135M-Instruct in fp32, alternating the two paths `--reps` times each, and counts tokens as PPO's
+tokens_per_s_generate does: real response tokens, EOS included. It prints the median and spread of each
+path's tokens/s and their ratio, and writes benchmarks/results/generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchmarks._machine import cpu_info
+from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+from rto.rollout import _generate_transformers, encode_prompts, generate
+from rto.tasks import get_task
+
+PATHS = {"transformers": _generate_transformers, "rto": generate}
+
+
+def timed_rollout(fn, model, tokenizer, prompt_ids, max_new_tokens: int, seed: int) -> dict:
+    """One call of `fn` on all prompts: seconds, response tokens (EOS included), tokens/s, EOS rate."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    rollout = fn(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                 batch_size=len(prompt_ids), progress=False, return_logprobs=True)
+    seconds = time.perf_counter() - start
+    tokens = int(rollout.batch.response_mask.sum())
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "ended": float(rollout.ended.float().mean())}
+
+
+def summary(runs: list[dict]) -> dict:
+    rates = [r["tokens_per_s"] for r in runs]
+    return {"tokens_per_s_median": statistics.median(rates), "tokens_per_s_min": min(rates),
+            "tokens_per_s_max": max(rates), "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=40)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--group_size", type=int, default=1, help="each prompt repeated this many times in a row")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation.json"))
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_causal_lm(DEFAULT_MODEL).eval(), load_tokenizer(DEFAULT_MODEL)
+    prompts = get_task("sentiment").prompts("train")[: args.prompts // args.group_size]
+    prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts, None) for _ in range(args.group_size)]
+    timed_rollout(generate, model, tokenizer, prompt_ids[:4], 4, seed=0)  # warm-up of both code paths
+    timed_rollout(_generate_transformers, model, tokenizer, prompt_ids[:4], 4, seed=0)
+    runs: dict[str, list[dict]] = {name: [] for name in PATHS}
+    for rep in range(args.reps):
+        for name, fn in PATHS.items():  # alternate, same seed per repetition for both paths
+            runs[name].append(timed_rollout(fn, model, tokenizer, prompt_ids, args.max_new_tokens, seed=rep))
+            print(f"rep {rep} {name:12s} {runs[name][-1]['tokens']:5d} tokens in {runs[name][-1]['seconds']:6.2f} s "
+                  f"= {runs[name][-1]['tokens_per_s']:6.1f} tok/s (EOS rate {runs[name][-1]['ended']:.2f})", flush=True)
+    figures = {name: summary(r) for name, r in runs.items()}
+    ratio = figures["rto"]["tokens_per_s_median"] / figures["transformers"]["tokens_per_s_median"]
+    for name, f in figures.items():
+        print(f"{name:12s} median {f['tokens_per_s_median']:6.1f} tok/s (min {f['tokens_per_s_min']:.1f}, "
+              f"max {f['tokens_per_s_max']:.1f})")
+    print(f"ratio rto / transformers: {ratio:.2f}x")
+    cpu = cpu_info(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else {}
+    result = {
+        "command": "python -m benchmarks.generation " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": {k: cpu.get(k) for k in ("model", "logical_cpus", "vector_flags")},
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "settings": {"model": DEFAULT_MODEL, "dtype": "float32", "prompts": len(prompt_ids),
+                     "group_size": args.group_size, "system_prompt": "chat template default",
+                     "mean_prompt_tokens": sum(map(len, prompt_ids)) / len(prompt_ids),
+                     "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                     "batch_size": len(prompt_ids), "reps": args.reps},
+        "tokens_counted": "response tokens, EOS included (as PPO's tokens_per_s_generate)",
+        "paths": figures, "ratio_median": ratio,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The throughput benchmark's pure parts: FLOP model, argument handling, result schema (no model runs, no installs)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks import throughput as tb
+from benchmarks._flops import SMOLLM2_135M, ModelShape, generation_flops, mfu, phase_flops
+from benchmarks._machine import cpu_info, matmul_shapes, native_bf16
+
+# hidden 4, intermediate 8, 2 layers, vocab 10, 2 heads of 2, 1 KV head:
+# a layer has q, o 4x4 (32), k, v 4x2 (16), MLP 3 x 4x8 (96) = 144 weights; the LM head 4x10 = 40
+TINY = ModelShape(hidden=4, intermediate=8, layers=2, vocab=10, heads=2, kv_heads=1)
+
+
+def test_parameter_counts():
+    assert (TINY.layer_params, TINY.head_params) == (144, 40)
+    # SmolLM2-135M: 30 layers x 3,538,944 + 576 x 49,152 = 134.48M weight-matrix parameters (134.5M in all)
+    assert SMOLLM2_135M.layer_params == 3_538_944
+    assert SMOLLM2_135M.layer_params * 30 + SMOLLM2_135M.head_params == 134_479_872
+
+
+def test_generation_flops_by_hand():
+    # 2 prompts of 3 tokens, 2 new tokens: 4 positions through 2 layers, LM head at 2 positions, per sequence
+    assert generation_flops(TINY, rollout=2, prompt=3, response=2) == 2 * 2 * (144 * 2 * 4 + 40 * 2)
+
+
+def test_phase_flops_by_hand():
+    # rollout 2 x (3 + 2) tokens = 10 rows, 4 response rows; top 1 of 2 layers trains (1 shared frozen layer)
+    rto = phase_flops("ours_rto", TINY, 2, 3, 2, train_layers=1)
+    assert rto["score"] == 2 * 144 * 10 * (1 + 1 * 5) + 2 * 40 * 4 * 3  # trunk once, 5 roles' top layer, 3 LM heads
+    assert rto["update"] == 2 * 6 * 144 * 10 + 4 * 40 * 4  # policy + critic top layer; frozen tied head crossed
+    trl = phase_flops("trl_ppo", TINY, 2, 3, 2, train_layers=1)
+    assert trl["score"] == 2 * 144 * 10 * 2 * 3 + 2 * 40 * 10  # 3 full stacks, reference head on every row
+    assert trl["update"] == 2 * (2 * 144 * 10 + 6 * 144 * 10) + 4 * 40 * 10
+    full = phase_flops("ours_ppo", TINY, 2, 3, 2, train_layers=None, ppo_epochs=2)
+    assert full["score"] == 2 * 144 * 10 * 2 * 4 + 2 * 40 * 4 * 2  # 4 roles, full stacks, 2 LM heads
+    assert full["update"] == 2 * (2 * 6 * 144 * 10 * 2 + 6 * 40 * 4)  # head trains with the embeddings; 2 epochs
+    assert rto["generate"] == trl["generate"] == full["generate"]
+    with pytest.raises(ValueError, match="kind"):
+        phase_flops("other", TINY, 2, 3, 2, None)
+
+
+def test_mfu_divides_by_peak_and_skips_untimed_phases():
+    got = mfu({"generate": 4e9, "score": 1e9}, {"generate": 2.0, "score": 0.0}, peak_gflops=4.0)
+    assert got == {"generate": 0.5}
+
+
+def test_quick_defaults_and_explicit_values():
+    args = tb.parse_args(["--quick"])
+    assert (args.reps, args.rollout_size, args.max_new_tokens) == (1, 8, 8)
+    assert args.results.endswith("quick-results")  # a smoke run never replaces the committed results
+    args = tb.parse_args(["--quick", "--rollout_size", "16"])
+    assert args.rollout_size == 16
+    args = tb.parse_args([])
+    assert (args.reps, args.rollout_size, args.max_new_tokens, args.groups) == (3, 32, 40, ["all", "top6"])
+    assert args.results.endswith("benchmarks/results")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rollout_size", "12"], "multiple of --minibatch_size"),
+    (["--iterations", "1"], "warms up"),
+    (["--groups", "all,half"], "half"),
+    (["--contenders", "ours_rto,vllm"], "vllm"),
+    (["--reps", "0"], "--reps"),
+])
+def test_bad_arguments_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        tb.parse_args(argv)
+
+
+def test_settings_key_changes_with_what_is_measured():
+    a, b = tb.parse_args([]), tb.parse_args(["--max_new_tokens", "48"])
+    assert tb.settings_key(a) != tb.settings_key(b)
+    assert tb.settings_key(a) == tb.settings_key(tb.parse_args(["--reps", "1", "--only", "all"]))
+
+
+def test_round_order_rotates():
+    kinds = ["a", "b", "c"]
+    assert [tb.round_order(kinds, r) for r in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                            ["a", "b", "c"]]
+
+
+def test_cpu_info_and_bf16_detection():
+    text = ("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
+            "processor\t: 1\nmodel name\t: Test CPU\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
+    info = cpu_info(text)
+    assert (info["model"], info["logical_cpus"]) == ("Test CPU", 2)
+    assert info["vector_flags"] == ["avx", "avx2", "fma", "sse4_2"]
+    assert not native_bf16(info["flags"])
+    assert native_bf16(info["flags"] + ["avx512_bf16"]) and native_bf16(["amx_bf16"])
+    assert matmul_shapes(576, 1536, 49152, 32)["lm_head"] == (32, 576, 49152)
+
+
+def sample(kind: str, group: str, rep: int, seconds: float, rss: float) -> dict:
+    phases = {"time_generate_s": seconds / 4, "time_score_s": seconds / 4, "time_update_s": seconds / 2}
+    return {"type": "sample", "contender": kind, "group": group, "rep": rep, "exit": 0, "peak_rss_mb": rss,
+            "load_s": 1.0, "log": "x.log", "command": "python -m benchmarks.throughput --only all",
+            "date": "2026-12-01 18:00 UTC",
+            "iterations": [{**phases, "time_iteration_s": 99.0}, {**phases, "time_iteration_s": seconds}]}
+
+
+def test_results_schema_from_a_store(tmp_path):
+    args = tb.parse_args(["--rollout_size", "8", "--max_new_tokens", "4", "--results", str(tmp_path / "res")])
+    store = tmp_path / "samples.jsonl"
+    rows = [sample("ours_rto", "all", r, s, 1000) for r, s in enumerate((4.0, 2.0, 8.0))]
+    rows += [sample("trl_ppo", "all", r, 4.0, 2000) for r in range(3)]
+    rows += [sample("ours_rto", "top6", 0, 1.0, 900), sample("trl_ppo", "top6", 0, 4.0, 1900)]
+    rows += [{**sample("ours_ppo", "all", 0, 1.0, 1), "exit": 1, "iterations": None}]  # a failed process
+    store.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    limits = tmp_path / "limits.json"
+    limits.write_text(json.dumps({"peak_fp32_gflops": 100.0, "cpu": {"model": "Test CPU", "logical_cpus": 2},
+                                  "best_fp32_gflops_by_rows": {"decode": 10.0, "score": 100.0, "update": 50.0}}))
+    result = tb.write_results(args, store, limits, [[1] * 6] * 8, "python -m benchmarks.throughput --only report")
+    saved = json.loads((tmp_path / "res" / "throughput.json").read_text())
+    assert saved["ours_rto_samples_per_s"] == result["ours_rto_samples_per_s"] == 8 / 4.0  # median of 2, 4, 1 s/s
+    assert saved["spreads"]["ours_rto_samples_per_s"] == [1.0, 4.0]  # the timed (last) iteration, not the first
+    assert saved["trl_ppo_samples_per_s_top6"] == 2.0 and saved["ours_rto_samples_per_s_top6"] == 8.0
+    assert saved["peak_rss_ours_rto_mb"] == 1000 and saved["peak_rss_trl_ppo_mb_top6"] == 1900
+    assert saved["acceptance"]["rto_vs_trl_top6"] == {"ratio": 4.0, "target": ">= 2.0", "met": True}
+    assert saved["acceptance"]["rto_vs_trl_all"]["met"] is True  # 2.0 vs 2.0 samples/s
+    assert saved["contenders"]["all"]["ours_ppo"]["failed_runs"][0]["exit"] == 1
+    assert saved["repetitions"] == {"all/ours_rto": 3, "all/trl_ppo": 3, "top6/ours_rto": 1, "top6/trl_ppo": 1}
+    # MFU per phase: FLOPs of the phase / its median time / the peak rate
+    entry = saved["contenders"]["all"]["ours_rto"]
+    assert entry["mfu"]["update"] == pytest.approx(entry["flops"]["update"] / 2.0 / 100e9)
+    assert set(saved["mfu"]["ours_rto"]) == {"generate", "score", "update"}
+    assert entry["tokens_per_s"]["generate"]["median"] == 8 * 4 / 1.0
+    for key in ("command", "commands", "machine", "versions", "date", "settings", "table_markdown"):
+        assert key in saved
+    assert "| all 30 | ours_ppo | failed |" in saved["table_markdown"]
+    assert (tmp_path / "res" / "throughput.png").stat().st_size > 1000
