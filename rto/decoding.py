@@ -123,7 +123,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
         drawn, logp = draw_tokens(lm_logits(model, hidden), temperature, greedy,
                                   None if greedy else [generators[i] for i in active])
         done = torch.isin(drawn, eos)
-        for row, (i, tok, lp, fin) in enumerate(zip(active, drawn.tolist(), logp.tolist(), done.tolist())):
+        for i, tok, lp, fin in zip(active, drawn.tolist(), logp.tolist(), done.tolist()):
             tokens[i].append(tok)
             logps[i].append(lp)
             ended[i] = fin
