@@ -61,15 +61,16 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return masked_sum(centered**2, mask) / (n - 1 if unbiased else n)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """(x - mean) / sqrt(var + eps) over all masked entries of the batch; 0 outside the mask.
 
     mean and var are taken over every masked entry (var is the population variance, so the
-    result has masked mean 0 and masked variance ~1). With shift_mean=False the mean is
+    result has masked mean 0 and masked variance ~1), or given as `moments` = (mean, var) (e.g. over the
+    batches of several processes, rto.distributed.masked_moments). With shift_mean=False the mean is
     added back: x is only rescaled.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=False)
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask, unbiased=False))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -98,6 +98,11 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
     dicts, tensors). Raises CheckpointError (the previous checkpoints untouched) when the write fails
     or a weight is NaN/inf.
     """
+    from rto.distributed import check_in_sync, is_main, world
+
+    check_in_sync(models)  # several processes: their weights must be the same, and process 0 writes them
+    if not is_main():
+        return checkpoint_dir(out) / f"{PREFIX}{step:08d}"
     if checkpoint_dir(out).is_symlink():
         raise CheckpointError(f"{checkpoint_dir(out)} is a symbolic link; rto writes and deletes checkpoints only "
                               "in a folder of its own: remove the link and re-run the same command")
@@ -114,7 +119,8 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
             save_file(weights, str(tmp / "weights.safetensors"))
             torch.save({"stateful": {k: v.state_dict() for k, v in stateful.items()},
                         "rng": rng_state(generators), "state": state}, tmp / "trainer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "processes": world()[1],
+                                                         "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
     except Exception as e:
         previous = latest_checkpoint(out)
         kept = f"the last good checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
@@ -131,7 +137,18 @@ def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: 
     The models must have been built as at the start of the run (same start weights, same trainable
     parameters). The RNG states are restored last, so the run continues as if never stopped.
     """
+    from rto.distributed import world
+
     path = Path(path)
+    try:
+        processes = json.loads((path / "state.json").read_text()).get("processes", 1)
+    except (OSError, ValueError, AttributeError):  # unreadable: the weights' check below names the checkpoint
+        processes = world()[1]
+    if processes != world()[1]:
+        raise CheckpointError(f"checkpoint {path} was written by a run of {processes} process(es), and this run has "
+                              f"{world()[1]}: each process's share of the data depends on their number, so resume with "
+                              f"{processes} (torchrun --nproc_per_node {processes}, or accelerate launch --num_processes "
+                              f"{processes}), or pass --resume false to start over")
     try:
         weights = load_file(str(path / "weights.safetensors"))
         saved = torch.load(path / "trainer.pt", weights_only=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
 from rto.checkpoint import CheckpointError
 from rto.data import MAX_ROW_BYTES, DataError, check
+from rto.distributed import broadcast, is_main
 from rto.runtime import NonFiniteError, finished_summary
 from rto.stages import pipeline
 from rto.stages.registry import STAGES, build_config, one_line
@@ -26,6 +27,8 @@ COMMANDS = {
 
 
 def build_parser() -> ArgumentParser:
+    # a field's help text is the docstring under it in its config dataclass (those of base classes included)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="rto", description="RLHF with Reinforced Token Optimization (DPO meets PPO).",
                             exit_on_error=False)
     subcommands = parser.add_subcommands(dest="command")
@@ -33,7 +36,7 @@ def build_parser() -> ArgumentParser:
         sub = ArgumentParser(description=help_text, exit_on_error=False)
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the fields below")
         if name == "pipeline":
-            sub.add_argument("recipe", type=str, help="recipe YAML")
+            sub.add_argument("recipe", type=str, help="path of the recipe YAML (rto/recipes/demo.yaml shows the format)")
         sub.add_class_arguments(config_cls, nested_key=None, skip={"recipe"} if name == "pipeline" else None)
         subcommands.add_subcommand(name, sub, help=help_text)
     data = ArgumentParser(description="data files", exit_on_error=False)
@@ -73,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config_cls, run, _ = COMMANDS[command]
         cfg = _config(config_cls, getattr(args, command))
-        if hasattr(cfg, "resume") and finished_summary(cfg) is not None:
-            print(f"rto {command}: {cfg.out} already holds this run, finished; nothing to do "
-                  "(--resume false runs it again)")
+        # process 0 reads the run folder and decides for all (several processes: rto.distributed)
+        if hasattr(cfg, "resume") and broadcast(is_main() and finished_summary(cfg) is not None):
+            if is_main():
+                print(f"rto {command}: {cfg.out} already holds this run, finished; nothing to do "
+                      "(--resume false runs it again)")
             return 0
         run(cfg)
         return 0

@@ -15,6 +15,9 @@ why and what to do.
 
 Partial fine-tuning (`train_layers=k`, see `set_trainable`): only the top k decoder layers and the final
 norm train; the frozen bottom that every role shares is computed once per batch (rto.trunk).
+
+LoRA (rto.lora): a peft model is a role like any other (`decoder_of` reaches its base's layers, `save_model`
+writes its adapter), and an adapter folder loads as its base with the adapter merged in.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,9 +121,13 @@ def save_model(model, tokenizer, folder: str | Path, replace: bool = True, meta:
     (README.md, rto.cards) tells the base model, stage, objective, data and hyperparameters from that record and
     the run folder's config.yaml, with `metrics` (the run's headline numbers) when given."""
     from rto.cards import write_card
+    from rto.distributed import is_main
 
+    if not is_main():  # several processes hold the same weights (rto.distributed): process 0 writes them
+        return Path(folder)
     with atomic_folder(folder, replace) as tmp:
-        model.save_pretrained(tmp)
+        # a peft model writes its active adapter only (adapter_config.json, adapter_model.safetensors), not its base
+        model.save_pretrained(tmp, **({"selected_adapters": [model.active_adapter]} if is_peft_model(model) else {}))
         tokenizer.save_pretrained(tmp)
         if meta is not None:
             (tmp / RTO_META_FILE).write_text(json.dumps(meta, indent=2))
@@ -327,11 +335,16 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, role: str
     Raises ModelLoadError, one line naming `role`, when the folder or hub id does not exist, has no
     config.json, holds only pickle weights (never unpickled), or is not a decoder-only causal LM with a
     Llama-style decoder stack (embed_tokens / layers / norm). Custom model code runs only with
-    trust_remote_code.
+    trust_remote_code. A LoRA adapter folder (adapter_config.json, as `--lora true` saves) loads as its base
+    with the adapter merged in (rto.lora.load_merged).
     """
     source = resolve_model(name_or_path, role)
     local = Path(source).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
+        from rto.lora import is_adapter_folder, load_merged
+
+        if is_adapter_folder(local):  # a LoRA adapter: its base with the adapter merged in
+            return load_merged(name_or_path, trust_remote_code, role)
         _check_model_folder(local, role, name_or_path)  # no config.json: says so
     config = _causal_config(source, role, name_or_path, trust_remote_code)  # what kind of model, before its weights
     if local.is_dir():
@@ -353,9 +366,23 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, role: str
     return model
 
 
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (`embed_tokens`, `layers`, `norm`) of a causal LM or a ValueModel."""
+def is_peft_model(model) -> bool:
+    """Whether `model` is a peft model (a causal LM with adapters, see rto.lora); one exists only once peft is
+    imported, so runs without adapters never import it."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers causal LM of a role: a ValueModel's backbone, a peft model's base model (its adapter layers
+    in place), or the model itself (an rto.lora view is one)."""
     lm = model.lm if isinstance(model, ValueModel) else model
+    return lm.get_base_model() if is_peft_model(lm) else lm
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (`embed_tokens`, `layers`, `norm`) of a causal LM, a ValueModel or a peft model."""
+    lm = causal_lm_of(model)
     decoder = getattr(lm, "model", None)
     if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm")):
         raise TypeError(f"{type(lm).__name__} is not a decoder-only model with embed_tokens/layers/norm")
@@ -447,7 +474,10 @@ class ValueModel(nn.Module):
 
 
 def set_trainable(model: nn.Module, train_layers: int | None) -> int:
-    """Freeze all but the top `train_layers` decoder layers (+ final norm, + value head). Returns #trainable."""
+    """Freeze all but the top `train_layers` decoder layers (+ final norm, + value head). Returns #trainable.
+    A peft model is left as peft made it: only its adapter trains (on the layers chosen when it was attached)."""
+    if is_peft_model(model):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
     decoder = decoder_of(model)
     n = len(decoder.layers)
     if train_layers is None or train_layers >= n:

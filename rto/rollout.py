@@ -148,19 +148,26 @@ def off_policy_warning(top_k: int, top_p: float) -> str | None:
 @contextmanager
 def _neutral_generation_config(model):
     """The model's own generation_config (a hub model's top_k, top_p, repetition penalty, suppressed
-    tokens...) is set aside while rto samples, so only the fields of `sampling_config` apply."""
-    own = model.generation_config
-    model.generation_config = GenerationConfig()
+    tokens...) is set aside while rto samples, so only the fields of `sampling_config` apply; for a peft model,
+    on the wrapper and on the base model whose generate runs."""
+    from rto.models import causal_lm_of
+
+    models = [model] + ([causal_lm_of(model)] if causal_lm_of(model) is not model else [])
+    own = [m.generation_config for m in models]
+    for m in models:
+        m.generation_config = GenerationConfig()
     try:
         yield
     finally:
-        model.generation_config = own
+        for m, config in zip(models, own):
+            m.generation_config = config
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, greedy: bool = False, batch_size: int = 32, autocast=None,
-             desc: str = "generate", progress: bool = True, return_logprobs: bool = False) -> Rollout:
+             desc: str = "generate", progress: bool = True, return_logprobs: bool = False,
+             seeds: list[int] | None = None) -> Rollout:
     """Sample one response per prompt, batched: pure sampling at `temperature` by default (top_k 0, top_p 1,
     no repetition penalty, whatever the model's generation_config says; see sampling_config).
 
@@ -169,6 +176,11 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     top_p < 1 go through transformers' generate. Prompts are sorted by length into batches of `batch_size`;
     the results come back in the input order. With return_logprobs, the log-prob of each sampled token under
     the distribution it was sampled from (log_softmax(logits / temperature)) comes back too.
+
+    `seeds` (one per prompt) seed the rows' noise of pure sampling; None draws them from the global RNG, as
+    `torch.randint(0, 2**62, (len(prompt_ids),))`: several processes draw the seeds of the whole batch that way
+    and each passes its share, so every row gets the tokens it gets in one process (rto.distributed). They are not
+    used by top_k / top_p sampling, which draws from the global RNG as transformers does.
     """
     if top_k or top_p < 1.0:
         return _generate_transformers(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
@@ -176,7 +188,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
                                       batch_size=batch_size, autocast=autocast, desc=desc, progress=progress,
                                       return_logprobs=return_logprobs)
     eos = eos_ids(model, tokenizer)
-    seeds = None if greedy else torch.randint(0, 2**62, (len(prompt_ids),)).tolist()
+    if seeds is None and not greedy:
+        seeds = torch.randint(0, 2**62, (len(prompt_ids),)).tolist()
+    elif seeds is not None and len(seeds) != len(prompt_ids):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_ids)} prompts")
 
     def decode(idx: list[int]):
         tokens, done, logps = sample(model, [prompt_ids[i] for i in idx], max_new_tokens=max_new_tokens,

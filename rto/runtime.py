@@ -87,8 +87,11 @@ def make_accelerator(precision: str, report_to: str = "none", run_dir: str | Pat
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # stages run one after another in one process (rto pipeline)
-    return Accelerator(mixed_precision="bf16" if resolve_precision(precision) == "bf16" else "no",
-                       log_with=None if check_report_to(report_to) == "none" else report_to,
+    from rto.distributed import is_main, on_cpus
+
+    main = is_main()  # the trackers log from process 0 only
+    return Accelerator(mixed_precision="bf16" if resolve_precision(precision) == "bf16" else "no", cpu=on_cpus(),
+                       log_with=None if check_report_to(report_to) == "none" or not main else report_to,
                        project_dir=None if run_dir is None else str(run_dir))
 
 
@@ -388,11 +391,20 @@ class Run:
 
     The run holds its folder (claim_run_folder: rto's own, no other process writing it) until finish() or
     close(), or until it is garbage-collected (a stage that raised), or the process ends.
+
+    With several processes (rto.distributed), process 0 alone writes the folder and prints; on the others a Run
+    writes nothing, and finish() waits until process 0 has written everything.
     """
 
     def __init__(self, out: str | Path, config, resume_from: Path | None = None, accelerator=None,
                  stage: str | None = None):
-        self.dir, self.stage = Path(out), stage
+        from rto.distributed import is_main
+
+        self.dir, self.stage, self.resume_from = Path(out), stage, resume_from
+        self.writer = is_main()
+        self.started = time.time()
+        if not self.writer:
+            return
         claim = claim_run_folder(out)
         self._release = weakref.finalize(self, claim.release)
         try:
@@ -405,7 +417,6 @@ class Run:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
         (self.dir / DONE_FILE).unlink(missing_ok=True)
         metrics = self.dir / "metrics.jsonl"
-        self.resume_from = resume_from
         resume_step = checkpoint_step(resume_from) if resume_from else None
         if resume_step is None:
             remove_checkpoints(self.dir)
@@ -428,6 +439,8 @@ class Run:
         self.started = time.time()
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.writer:
+            return
         row = {"step": step, "time_s": round(time.time() - self.started, 3)}
         row.update({k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                     for k, v in metrics.items()})
@@ -437,7 +450,9 @@ class Run:
             self._accelerator.log({k: v for k, v in row.items() if isinstance(v, float) and k != "step"}, step=step)
 
     def note(self, text: str) -> None:
-        """Print a line and keep it in the run's log.txt."""
+        """Print a line and keep it in the run's log.txt (process 0 only)."""
+        if not self.writer:
+            return
         print(text, flush=True)
         with open(self.dir / "log.txt", "a") as f:
             f.write(text + "\n")
@@ -446,7 +461,11 @@ class Run:
         """Write summary.json, complete the model cards of the models saved here (stage and headline metrics,
         rto.cards), write DONE and remove the checkpoints; then close()."""
         from rto.cards import write_card
+        from rto.distributed import barrier
 
+        if not self.writer:
+            barrier()  # process 0 writes the models, summary and DONE before any process goes on
+            return
         summary = {"wall_time_s": round(time.time() - self.started, 2), **(summary or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         for name in MODEL_FOLDERS:
@@ -456,9 +475,12 @@ class Run:
         (self.dir / DONE_FILE).write_text("")
         remove_checkpoints(self.dir)  # the saved model is the result; checkpoints only serve an unfinished run
         self.close()
+        barrier()
 
     def close(self) -> None:
         """Close the logs and release the run folder (another process, or the next stage, may then use it)."""
+        if not self.writer:
+            return
         try:
             self._metrics.close()
             if self._accelerator is not None:

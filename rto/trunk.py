@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from rto.models import ValueModel, decoder_of
+from rto.models import causal_lm_of, decoder_of
 
 
 def frozen_layers(model: nn.Module, train_layers: int | None) -> int:
@@ -105,8 +105,8 @@ TRUNK_TOLERANCE = 1e-4  # largest |difference| of fp32 hidden states, relative t
 
 
 def _architecture(model: nn.Module) -> str:
-    """The class name of the causal LM of a role (the backbone of a ValueModel)."""
-    return type(model.lm if isinstance(model, ValueModel) else model).__name__
+    """The class name of the causal LM of a role (the backbone of a ValueModel, the base of a peft model)."""
+    return type(causal_lm_of(model)).__name__
 
 
 def _shaping_config(model: nn.Module) -> dict:

@@ -46,3 +46,40 @@ def test_two_rto_iterations_on_the_real_model(tmp_path):
     base = load_causal_lm(DEFAULT_MODEL)
     assert torch.equal(policy.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
     assert not torch.equal(policy.model.layers[-1].mlp.up_proj.weight, base.model.layers[-1].mlp.up_proj.weight)
+
+
+def test_lora_rto_end_to_end_on_the_real_model(tmp_path):
+    """dpo --lora, then RTO with --lora on the DPO adapter (policy, reference and DPO model on one base), then eval
+    of the saved policy adapter: on the embedded model, at the smallest sizes."""
+    from rto.models import ValueModel
+    from rto.stages import dpo, eval as evaluate
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Write one sentence about day {i}.",
+                                         "chosen": "What a wonderful, happy day it was!",
+                                         "rejected": "It was a dull, sad day.", "chosen_ended": True,
+                                         "rejected_ended": True}) + "\n" for i in range(8)))
+    dpo.run(dpo.DPOConfig(out=str(tmp_path / "dpo"), pairs=str(pairs), lora=True, batch_size=4, lr=1e-3,
+                          eval_fraction=0.0, train_layers=2, progress=False))
+    adapter = tmp_path / "dpo" / "model"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+
+    rm = ValueModel.from_pretrained(DEFAULT_MODEL)  # a random head: scores that differ between responses
+    torch.manual_seed(0)
+    torch.nn.init.normal_(rm.head.weight, std=0.05)
+    rm.meta = {"reward_mean": 0.0, "reward_std": 1.0}
+    rm.save_pretrained(tmp_path / "rm")
+    run(PPOConfig(out=str(tmp_path / "rto"), reward="rto", dpo_model=str(adapter), reward_model=str(tmp_path / "rm"),
+                  lora=True, iterations=2, rollout_size=4, minibatch_size=2, max_new_tokens=12, actor_lr=1e-3,
+                  beta_dpo=0.5, train_layers=2, progress=False))
+    rows = [json.loads(line) for line in (tmp_path / "rto" / "metrics.jsonl").read_text().splitlines()]
+    # the DPO adapter moved pi_dpo away from the base (the reference): the dense term is paid from iteration 1,
+    # while the fresh policy adapter is still the base (KL exactly 0)
+    assert rows[0]["reward_dpo"] != 0.0 and rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0
+    policy = tmp_path / "rto" / "policy"
+    assert (policy / "adapter_model.safetensors").is_file() and not (policy / "model.safetensors").exists()
+
+    evaluate.run(evaluate.EvalConfig(out=str(tmp_path / "eval"), models=[f"sft={DEFAULT_MODEL}", f"rto={policy}"],
+                                     num_prompts=4, max_new_tokens=8, progress=False))
+    table = {r["model"]: r for r in json.loads((tmp_path / "eval" / "eval.json").read_text())["table"]}
+    assert table["sft"]["kl"] == 0.0 and table["rto"]["kl"] != 0.0  # eval ran the adapter, not the bare base

@@ -34,18 +34,37 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 class Common:
     """Fields every stage has."""
 
-    out: str = "runs/stage"  # the run folder (config.yaml, metrics.jsonl, tb/, the saved model)
+    out: str = "runs/stage"
+    """The run folder (config.yaml, metrics.jsonl, log.txt, tb/, the saved model): a new or empty folder, or
+    one rto made."""
     seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 (bf16 autocast with fp32 master weights)
-    train_layers: int | None = 6  # train only the top k decoder layers (+ final norm); null = all
-    system_prompt: str | None = ""  # system message for every prompt; null = the chat template's default
-    trust_remote_code: bool = False  # never executes model code from the hub unless turned on
-    threads: int | None = None  # torch CPU threads; null = torch's default
-    progress: bool = True  # progress bars
-    resume: bool | None = None  # null: continue from the last checkpoint in `out` if any; false: start over
-    overwrite: bool = False  # allow replacing the results of a run with a different config in `out`
-    max_prompt_tokens: int = 256  # prompts longer than this (chat template applied) are skipped, with a count
-    report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | trackio | none: where metrics go besides metrics.jsonl
+    """Random seed of the run: data order, held-out split, prompt subset and sampling follow it; >= 0."""
+    precision: str = "auto"
+    """auto | fp32 | bf16. bf16 = bf16 autocast with fp32 master weights; auto = bf16 on a GPU or CPU with
+    native bf16 (AVX512-BF16, AMX), else fp32."""
+    train_layers: int | None = 6
+    """Train only the top k decoder layers (+ the final norm and a value head); null = every layer; >= 1.
+    Frozen bottom layers that are identical in every role are computed once per batch and shared."""
+    system_prompt: str | None = ""
+    """System message added to every prompt that has none ("" = an empty one); null = the chat template's
+    default."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub model or folder (transformers' trust_remote_code); off by default."""
+    threads: int | None = None
+    """torch CPU threads; null = torch's default; >= 1."""
+    progress: bool = True
+    """Show progress bars."""
+    resume: bool | None = None
+    """null: continue from the last checkpoint in `out` when the same config stopped there (a finished run is
+    not run again); true: the same, but fail when there is no checkpoint; false: start over."""
+    overwrite: bool = False
+    """Replace the results of a run with a different config in `out` (otherwise that folder is refused)."""
+    max_prompt_tokens: int = 256
+    """Longest prompt kept, in tokens after the chat template; longer ones are skipped and counted in the
+    log; >= 1."""
+    report_to: str = "tensorboard"
+    """Where metrics go besides metrics.jsonl: tensorboard (tb/) | wandb | mlflow | trackio | none; wandb,
+    mlflow and trackio need the optional extra of the same name."""
 
     def __post_init__(self):
         check_fields(self)  # every field within its range (rto.config.RULES), whatever built the config
@@ -56,8 +75,11 @@ class Common:
 class Checkpointing:
     """When a training stage saves its state (see rto.checkpoint); it always does at the end of training."""
 
-    checkpoint_every: int = 50  # optimisation steps (PPO: iterations) between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 1  # the newest k checkpoints are kept; all are removed once the stage finishes
+    checkpoint_every: int = 50
+    """Optimisation steps between checkpoints (rto ppo: iterations); 0 = only after the last one; >= 0. An
+    interrupted run continues from its last checkpoint."""
+    keep_checkpoints: int = 1
+    """How many of the newest checkpoints are kept; all are removed once the stage finishes; >= 1."""
 
 
 @dataclass
@@ -65,11 +87,18 @@ class Optimization:
     """AdamW and schedule fields shared by every training stage (see make_optimizer)."""
 
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's decay rates of the running mean of the gradient and of its square; two numbers in [0, 1)."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay; >= 0."""
     warmup_ratio: float = 0.03
+    """Share of the optimisation steps spent warming the learning rate up linearly from 0; in [0, 1)."""
     min_lr_ratio: float = 0.1
+    """Learning rate at the end of the cosine decay, as a share of the peak; in [0, 1]."""
     max_grad_norm: float = 1.0
-    max_nonfinite_steps: int = 3  # updates in a row skipped for a NaN/inf loss, gradient or reward before stopping
+    """Each trained model's gradient is clipped to this L2 norm before every update; > 0."""
+    max_nonfinite_steps: int = 3
+    """Updates in a row that may be skipped for a NaN/inf loss, gradient or reward before the stage stops;
+    >= 0."""
 
 
 @dataclass
@@ -77,10 +106,17 @@ class PairTraining(Checkpointing, Optimization, Common):
     """Fields of the stages that train on a preference file (sft, rm, dpo)."""
 
     epochs: int = 1
-    batch_size: int = 8  # pairs per step
+    """Passes over the training pairs; >= 1."""
+    batch_size: int = 8
+    """Preference pairs per optimisation step (rm and dpo score the chosen and the rejected response of
+    each, sft the chosen one); >= 1."""
     lr: float = 5e-5
-    eval_fraction: float = 0.1  # held-out pairs
-    max_response_tokens: int = 256  # longer responses are cut (their EOS then dropped)
+    """Peak learning rate, reached after the warm-up, then decayed (cosine) to min_lr_ratio of it; > 0."""
+    eval_fraction: float = 0.1
+    """Share of the prompts whose pairs are held out for evaluation (a prompt's pairs stay on one side);
+    in [0, 1)."""
+    max_response_tokens: int = 256
+    """Responses are cut to this many tokens (a cut response loses its EOS); >= 1."""
 
 
 def start(cfg: Common, name: str) -> tuple[Run, object]:
@@ -90,14 +126,21 @@ def start(cfg: Common, name: str) -> tuple[Run, object]:
     The folder is claimed first (runtime.claim_run_folder: rto's own, no symbolic links where rto writes, no
     other process using it), so nothing in it is read for a decision or changed before; the run holds it
     until `run.finish()` or `run.close()`."""
+    from rto.distributed import broadcast, is_main
     from rto.runtime import claim_run_folder
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same seed in every process: they draw the same global random numbers
     accelerator = make_accelerator(cfg.precision, cfg.report_to, cfg.out)
-    with claim_run_folder(cfg.out):
-        resume_from = latest_checkpoint(cfg.out) if folder_state(cfg) == "resume" else None
+    if is_main():  # with several processes, process 0 decides and writes; the others follow its decision
+        with claim_run_folder(cfg.out):
+            resume_from = latest_checkpoint(cfg.out) if folder_state(cfg) == "resume" else None
+            run = Run(cfg.out, cfg, resume_from=resume_from, accelerator=accelerator, stage=name)
+        broadcast(resume_from)
+    else:
+        cfg.progress = False  # progress bars and log lines come from process 0 only
+        resume_from = broadcast(None)
         run = Run(cfg.out, cfg, resume_from=resume_from, accelerator=accelerator, stage=name)
     run.note(f"{name}: precision {resolve_precision(cfg.precision)}, device {accelerator.device}, out {run.dir}"
              + (f"; resuming from {resume_from}" if resume_from else ""))
@@ -153,11 +196,18 @@ def finite(x) -> bool:
 
 
 def backward_and_clip(accelerator, loss: torch.Tensor, param_sets: list[list], max_norm: float) -> list[float]:
-    """Backward pass, then clip each parameter set to `max_norm`; returns their norms before clipping.
-    A NaN/inf loss is not backpropagated and gives NaN norms: the update goes ahead only if all are finite."""
-    if not finite(loss.detach()):
+    """Backward pass, gradients averaged over processes (rto.distributed; nothing with one process), then clip
+    each parameter set to `max_norm`; returns their norms before clipping. A NaN/inf loss is not backpropagated
+    and gives NaN norms (in every process when one of them met it): the update goes ahead only if all are finite."""
+    from rto.distributed import average_gradients, world
+
+    ok = finite(loss.detach())
+    if ok:
+        accelerator.backward(loss)
+    if world()[1] > 1:
+        average_gradients([p for params in param_sets for p in params], poison=not ok)
+    elif not ok:
         return [float("nan")] * len(param_sets)
-    accelerator.backward(loss)
     return [float(torch.nn.utils.clip_grad_norm_(params, max_norm)) for params in param_sets]
 
 
@@ -209,8 +259,13 @@ def make_optimizer(groups, total_steps: int, opt: Optimization):
 def shared_trunk_layers(models: list, train_layers: int | None, probe: SeqBatch, note) -> int:
     """How many bottom layers every role can share, proven on `probe` (e.g. rto.sequences.probe_batch of the
     run's first prompts); 0 when nothing is frozen or sharing would change a result, with the reason passed to
-    `note` (e.g. run.note): each role then runs its full stack. See rto.trunk.checked_trunk_layers."""
-    return checked_trunk_layers(models, train_layers, probe, note)
+    `note` (e.g. run.note): each role then runs its full stack. A count > 0 is noted too, in one line (how many
+    layers, for how many roles), so a run's log says whether it shared. See rto.trunk.checked_trunk_layers."""
+    n = checked_trunk_layers(models, train_layers, probe, note)
+    if n:
+        note(f"trunk sharing on: embeddings and bottom {n} layers computed once per batch (frozen, no gradients), "
+             f"then the top {train_layers} layers of each role ({len(models)} role{'s' if len(models) > 1 else ''})")
+    return n
 
 
 def frozen(model):
@@ -271,6 +326,17 @@ def load_pair_split(path: str, cfg: PairTraining, run: Run, tokenizer) -> tuple[
     return train, heldout
 
 
+def batch_means(shares: list[tuple[int, float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+    """The whole batch's mean loss and stats from each process's (items n_r, mean loss, mean stats):
+    sum_r n_r * x_r / sum_r n_r (process shares without items are left out); one share is returned as it is."""
+    shares = [part for part in shares if part[0]]
+    if len(shares) == 1:
+        return shares[0][1], shares[0][2]
+    total = sum(n for n, _, _ in shares)
+    loss = sum(n * value for n, value, _ in shares) / total
+    return loss, {k: sum(n * stats[k] for n, _, stats in shares) / total for k in shares[0][2]}
+
+
 def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: PairTraining, loss_fn, desc: str) -> int:
     """The optimisation loop of the offline stages: AdamW with warm-up and cosine decay over shuffled
     batches of `train`; loss -> backward -> clip -> step, one log row per step; a checkpoint every
@@ -278,9 +344,14 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
     checkpoint and skips the batches it had already used, so it ends with the weights of an uninterrupted run.
     A NaN/inf loss or gradient skips the update (see NonFiniteGuard).
 
-    `loss_fn(epoch, items) -> (loss, stats)` builds and scores one batch. Returns the number of steps.
+    `loss_fn(epoch, items) -> (loss, stats)` builds and scores one batch (a mean over `items`). Returns the number
+    of steps. With several processes each takes its contiguous share of every batch (rto.distributed.share), weighs
+    its loss by its share (share_weight) and the gradients are averaged, so a step equals the one-process step on
+    the whole batch; the logged loss and stats are the batch's means.
     """
     from tqdm.auto import tqdm
+
+    from rto.distributed import gather_lists, share, share_weight
 
     total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     optimizer, scheduler = make_optimizer(groups, total, cfg)
@@ -294,19 +365,27 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
         for step, (epoch, items) in enumerate(batches(train, cfg.batch_size, cfg.epochs, cfg.seed), start=1):
             if step <= done:  # the data position of the checkpoint: these batches were trained on
                 continue
-            with accelerator.autocast():
-                loss, stats = loss_fn(epoch, items)
-            (grad_norm,) = backward_and_clip(accelerator, loss, [params], cfg.max_grad_norm)
+            mine = share(items)
+            if mine:
+                with accelerator.autocast():
+                    loss, stats = loss_fn(epoch, mine)
+            else:  # a last batch smaller than the number of processes: this one contributes zero gradients
+                loss, stats = sum(p.sum() for p in params) * 0.0, {}
+            (grad_norm,) = backward_and_clip(accelerator, loss * share_weight(len(mine), len(items)), [params],
+                                             cfg.max_grad_norm)
+            # the batch's loss and stats: every process's means, weighed by its share
+            batch_loss, stats = batch_means(gather_lists([(len(mine), loss.item(),
+                                                           {k: float(v) for k, v in stats.items()})]))
             if math.isfinite(grad_norm):
                 optimizer.step()
                 guard.ok()
             else:
-                guard.skip(step, "gradient" if math.isfinite(loss.item()) else "loss")
+                guard.skip(step, "gradient" if math.isfinite(batch_loss) else "loss")
             scheduler.step()  # a skipped batch still counts: the schedule follows the data position
             optimizer.zero_grad(set_to_none=True)
-            metrics = {"loss": loss.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+            metrics = {"loss": batch_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                        "epoch": epoch, "skipped_steps": guard.skipped,
-                       **{f"train/{k}": float(v) for k, v in stats.items()}}
+                       **{f"train/{k}": v for k, v in stats.items()}}
             run.log(step, metrics)
             if step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 save_checkpoint(run.dir, step, models, stateful, {"step": step}, keep=cfg.keep_checkpoints)

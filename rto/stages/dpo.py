@@ -3,6 +3,9 @@ loss of the DPO family by name (`--loss ipo|rdpo|simpo|tdpo1|tdpo2`, see rto.los
 
 The trained model is RTO's pi_dpo: its per-token log-ratio to the reference is the dense reward. Its folder's
 rto_model.json records the loss, its hyperparameters and the reference (none for the reference-free SimPO).
+With `--lora true` the trained model is a LoRA adapter on `model` and the reference is that same base with the
+adapter off (rto.lora), so the weights are held once; the folder is then a peft adapter folder, and its record
+names the base and the fingerprint of its weights.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rto.config import ConfigError
+from rto.lora import LoraOptions, adapter_record, attach_adapter, base_view, enable_gradient_checkpointing, same_model
 from rto.losses import PREFERENCE_LOSSES, PairScores, sequence_logprob, sequential_kl
 from rto.models import DEFAULT_MODEL, load_causal_lm, save_model, set_trainable, weights_fingerprint
 from rto.rollout import encode_prompts
@@ -25,21 +29,34 @@ HYPERPARAMETER_FIELDS = {"beta": "beta", "alpha": "alpha", "simpo_gamma": "gamma
 
 
 @dataclass
-class DPOConfig(PairTraining):
-    """`loss` picks the objective (rto.losses.PREFERENCE_LOSSES): dpo, ipo, rdpo, simpo, tdpo1, tdpo2.
+class DPOConfig(LoraOptions, PairTraining):
+    """Fields of `rto dpo`: a DPO-family model trained against a frozen reference (RTO's pi_dpo).
+
+    `loss` picks the objective (rto.losses.PREFERENCE_LOSSES): dpo, ipo, rdpo, simpo, tdpo1, tdpo2.
     A hyperparameter left null takes the chosen loss's default, the setting the RTO paper used for that
     baseline (on Llama-3-8B; not tuned for small models here): beta 0.1 (dpo, ipo, rdpo, tdpo1, tdpo2; IPO
     has no published value there, so it keeps DPO's), beta 2.5 (simpo); alpha 0.001 (rdpo), 0.2 (tdpo2);
     simpo_gamma 0.5. A value given for a hyperparameter the loss does not take is refused."""
 
     out: str = "runs/dpo"
-    model: str = DEFAULT_MODEL  # the policy to start from
-    ref: str | None = None  # the frozen reference; null = a copy of `model` (simpo has none)
+    model: str = DEFAULT_MODEL
+    """The policy to start from: the embedded name, a local folder or a hub id."""
+    ref: str | None = None
+    """The frozen reference pi_ref; null = a copy of `model`. RTO's dense reward is log(pi_dpo / pi_ref)
+    against this model, so `rto ppo` must use this same reference (it compares the weights). simpo is
+    reference-free: leave it null."""
     pairs: str = "runs/pairs/pairs.jsonl"
-    loss: str = "dpo"  # dpo | ipo | rdpo | simpo | tdpo1 | tdpo2 (rto.losses.PREFERENCE_LOSSES)
-    beta: float | None = None  # null = the loss's default: 2.5 for simpo, 0.1 for the others
-    alpha: float | None = None  # rdpo: length weight (null = 0.001); tdpo2: sequential-KL weight (null = 0.2)
-    simpo_gamma: float | None = None  # simpo: target reward margin, on the beta-scaled scale (null = 0.5)
+    """Preference file: JSON Lines, Parquet or a datasets folder."""
+    loss: str = "dpo"
+    """dpo (sigmoid) | ipo | rdpo | simpo | tdpo1 | tdpo2 (rto.losses.PREFERENCE_LOSSES)."""
+    beta: float | None = None
+    """The loss's beta (IPO's tau), the scale of its implicit reward beta * log(pi / pi_ref) (simpo:
+    beta / |y| * log pi); null = the loss's default, 2.5 for simpo, 0.1 for the others; > 0."""
+    alpha: float | None = None
+    """rdpo: weight of the length penalty alpha * |y| (tokens) in each implicit reward (null = 0.001); tdpo2:
+    weight of the sequential-KL term (null = 0.2); >= 0. The other losses take none."""
+    simpo_gamma: float | None = None
+    """simpo only: the target reward margin gamma, on the beta-scaled reward (null = 0.5)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,6 +70,8 @@ class DPOConfig(PairTraining):
                               f"{', '.join(taken)})")
         if self.ref is not None and not loss.needs_reference:
             raise ConfigError(f"the {self.loss} loss is reference-free: drop ref ({self.ref!r})")
+        if self.lora and self.ref is not None and not same_model(self.ref, self.model):
+            raise ConfigError(f"with lora the reference is `model` with its adapter off: drop ref ({self.ref!r})")
 
     def hyperparameters(self) -> dict[str, float]:
         """The chosen loss's hyperparameters, named as its function's arguments (gamma for simpo_gamma)."""
@@ -69,9 +88,18 @@ def run(cfg: DPOConfig) -> dict:
     check_token_budget(cfg, cfg.model, "policy", cfg.max_response_tokens)
     train, heldout = load_pair_split(cfg.pairs, cfg, run_, tokenizer)
     policy = load_causal_lm(cfg.model, cfg.trust_remote_code, role="policy").to(accelerator.device)
-    ref = (frozen(load_causal_lm(cfg.ref or cfg.model, cfg.trust_remote_code, role="reference").to(accelerator.device))
-           if use_ref else None)
+    if cfg.lora:  # one copy of the weights: the policy is a new adapter on them, the reference the base without it
+        base_fingerprint = weights_fingerprint(policy)
+        policy = attach_adapter(policy, cfg, cfg.train_layers)
+        ref = base_view(policy) if use_ref else None
+        if cfg.lora_dropout:
+            run_.note(f"lora: lora_dropout {cfg.lora_dropout:g} is recorded but inactive: rto trains in eval mode")
+    else:
+        ref = (frozen(load_causal_lm(cfg.ref or cfg.model, cfg.trust_remote_code, role="reference")
+                      .to(accelerator.device)) if use_ref else None)
     set_trainable(policy, cfg.train_layers)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id).to(accelerator.device)
     n_shared = shared_trunk_layers([policy] + ([ref] if use_ref else []), cfg.train_layers, probe, run_.note)
@@ -116,6 +144,8 @@ def run(cfg: DPOConfig) -> dict:
             "gamma": hyper.get("gamma"), "reference": (cfg.ref or cfg.model) if use_ref else None}
     if use_ref:
         meta["reference_fingerprint"] = weights_fingerprint(ref)
+    if cfg.lora:  # the folder holds the adapter only: its record names the base it needs
+        meta.update(adapter_record(cfg.model, base_fingerprint))
     save_model(policy, tokenizer, run_.dir / "model", meta=meta)
     run_.note(f"dpo ({cfg.loss}, {', '.join(f'{k} {v:g}' for k, v in hyper.items())}): {steps} steps; held-out "
               f"accuracy {summary.get('heldout_accuracy', float('nan')):.3f}, "

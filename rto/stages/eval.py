@@ -58,26 +58,47 @@ def parse_model(spec: str) -> tuple[str, str]:
 
 @dataclass
 class EvalConfig(Common):
+    """Fields of `rto eval`: models scored on held-out prompts, every pair of them compared."""
+
     out: str = "runs/eval"
-    models: list[str] = field(default_factory=lambda: [f"sft={DEFAULT_MODEL}"])  # "label=path" entries
-    ref: str = DEFAULT_MODEL  # KL reference
-    reward_model: str | None = None  # adds the RM score column
-    dpo_model: str | None = None  # adds per-token heatmaps of beta_dpo * log(pi_dpo / pi_ref)
-    beta_dpo: float | None = None  # scale of the heatmaps; null = the one the heatmap model was trained with
-    # (recorded by `rto ppo --reward rto` in its policy folder), else 0.05 (the paper's beta1)
-    baseline: str | None = None  # label of the baseline of the table's delta and win-rate columns; null = the first
-    headline: list[str] = field(default_factory=lambda: ["rto", "ppo"])  # the pair compared first, when both exist
-    heatmap_model: str | None = None  # whose responses the heatmaps show; null = the last model
+    models: list[str] = field(default_factory=lambda: [f"sft={DEFAULT_MODEL}"])
+    """The models, as "label=path" entries (a bare path is labelled by its folder name); a path is the
+    embedded name, a local folder or a hub id."""
+    ref: str = DEFAULT_MODEL
+    """The reference pi_ref of the KL column (and of the heatmaps' DPO reward)."""
+    reward_model: str | None = None
+    """A reward model (from `rto rm`): adds the column of its normalised score; null = no column."""
+    dpo_model: str | None = None
+    """pi_dpo: adds per-token heatmaps of beta_dpo * log(pi_dpo / pi_ref) over heatmap_model's responses."""
+    beta_dpo: float | None = None
+    """Scale of the heatmaps, the paper's beta1; null = the one the heatmap model was trained with (recorded
+    by `rto ppo`), else 0.05; >= 0."""
+    baseline: str | None = None
+    """Label of the model the table's delta and win-rate columns compare with; null = the first model."""
+    headline: list[str] = field(default_factory=lambda: ["rto", "ppo"])
+    """The pair of labels [a, b] compared first (a - b), when both are among the models."""
+    heatmap_model: str | None = None
+    """Label of the model whose responses the heatmaps show; null = the last model."""
     heatmaps: int = 4
+    """Heatmaps drawn, one per response to the first prompts; >= 0."""
     task: str = "sentiment"
-    prompts: str | None = None  # a prompt file instead of the task's eval prompts
-    num_prompts: int | None = 128  # null = all
+    """The task (rto.tasks: sentiment, ifeval): its eval prompts and its gold scorer."""
+    prompts: str | None = None
+    """A prompt file (JSON Lines, Parquet or a datasets folder) instead of the task's eval prompts."""
+    num_prompts: int | None = 128
+    """Prompts evaluated, a subset drawn with `seed`; null = all; >= 1."""
     max_new_tokens: int = 40
+    """Longest response, in tokens: sampling stops at EOS or here; >= 1."""
     temperature: float = 1.0
-    top_k: int = 0  # 0 = no top-k (pure sampling)
+    """Sampling temperature T; the KL column is taken at T; > 0."""
+    top_k: int = 0
+    """Sample only from the k most likely tokens; 0 = no cut (pure sampling); >= 0."""
     top_p: float = 1.0
+    """Nucleus sampling threshold; 1 = no cut; in (0, 1]."""
     batch_size: int = 64
+    """Responses generated at a time; >= 1."""
     score_batch_size: int = 16
+    """Responses scored at a time by each model; >= 1."""
 
 
 def paired_comparisons(gold: dict[str, torch.Tensor], labels: list[str], headline: list[str]) -> list[dict]:
@@ -137,6 +158,9 @@ def run(cfg: EvalConfig) -> dict:
         if value not in labels:
             raise ValueError(f"--{name} {value!r} is not one of the model labels {labels}")
     run_, accelerator = start(cfg, "eval")
+    if not run_.writer:  # with several processes, process 0 evaluates every model alone; the others wait for it
+        run_.finish()
+        return {}
     device = accelerator.device
     if warning := off_policy_warning(cfg.top_k, cfg.top_p):
         run_.note(f"eval: {warning}")

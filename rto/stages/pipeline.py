@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from rto.config import check_fields
+from rto.distributed import broadcast, is_main
 from rto.runtime import check_name, claim_run_folder, finished_summary, inside
 from rto.stages.registry import STAGES, parse_config
 
@@ -40,13 +42,23 @@ ALWAYS_RUN = {"report"}  # cheap, and should reflect the latest results
 
 @dataclass
 class PipelineConfig:
-    recipe: str  # path of the recipe YAML
-    out: str | None = None  # overrides the recipe's `out`
-    seed: int | None = None  # overrides every stage's seed
-    precision: str | None = None  # overrides every stage's precision
+    """Fields of `rto pipeline`: a recipe's stages in order, with settings that override every stage's."""
+
+    recipe: str
+    """Path of the recipe YAML."""
+    out: str | None = None
+    """The run folder ("{run}" in the recipe; a stage writes to {run}/NAME unless it sets `out`); null = the
+    recipe's `out`."""
+    seed: int | None = None
+    """Seed of every stage; null = as in the recipe; >= 0."""
+    precision: str | None = None
+    """Precision of every stage, auto | fp32 | bf16; null = as in the recipe."""
     threads: int | None = None
+    """torch CPU threads of every stage; null = as in the recipe; >= 1."""
     progress: bool = True
-    overwrite: bool | None = None  # replace the results of stages whose config changed since they ran
+    """Show progress bars (in every stage)."""
+    overwrite: bool | None = None
+    """Replace the results of stages whose config changed since they ran; null = as in the recipe."""
 
     def __post_init__(self):
         check_fields(self)
@@ -146,21 +158,28 @@ def run(cfg: PipelineConfig) -> Path:
                  "progress": cfg.progress, "overwrite": cfg.overwrite}
     configs = stage_configs(recipe, source, overrides)
     run_dir = Path(cfg.out or recipe.get("out") or "runs/pipeline")
-    with claim_run_folder(run_dir):  # rto's own folder, one pipeline at a time; each stage claims its own too
+    main = is_main()  # with several processes, process 0 writes the pipeline's files and decides what to skip
+    # rto's own folder, one pipeline at a time; each stage claims its own too
+    with claim_run_folder(run_dir) if main else nullcontext():
         state_path = run_dir / "pipeline.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        state = json.loads(state_path.read_text()) if main and state_path.exists() else {}
         state.update({"recipe": source, "phase_times": state.get("phase_times", {})})
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        if main:
+            (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         for name, stage, config in configs:
-            if stage not in ALWAYS_RUN and finished_summary(config) is not None:
-                print(f"pipeline: {name} already done in {config.out}; skipping")
+            done = broadcast(main and stage not in ALWAYS_RUN and finished_summary(config) is not None)
+            if done:
+                if main:
+                    print(f"pipeline: {name} already done in {config.out}; skipping")
                 continue
-            print(f"pipeline: {name} ({stage}) -> {config.out}", flush=True)
+            if main:
+                print(f"pipeline: {name} ({stage}) -> {config.out}", flush=True)
             started = time.time()
             STAGES[stage][1](config)
             if stage not in ALWAYS_RUN:
                 state["phase_times"][name] = round(time.time() - started, 2)
-            state_path.write_text(json.dumps(state, indent=2))
+            if main:
+                state_path.write_text(json.dumps(state, indent=2))
     return run_dir
 
 
@@ -174,12 +193,20 @@ def demo_recipe() -> str:
 
 @dataclass
 class DemoConfig:
+    """Fields of `rto demo`: the built-in recipe rto/recipes/demo.yaml, then the report."""
+
     out: str = "runs/demo"
-    seed: int | None = None  # overrides every stage's seed (the recipe uses 0)
+    """The run folder: one folder per stage, then report.md and report.html."""
+    seed: int | None = None
+    """Seed of every stage; null = the recipe's (0); >= 0."""
     precision: str | None = None
+    """Precision of every stage, auto | fp32 | bf16; null = each stage's default (auto)."""
     threads: int | None = None
+    """torch CPU threads of every stage; null = torch's default; >= 1."""
     progress: bool = True
-    overwrite: bool | None = None  # replace the results of stages whose config changed since they ran
+    """Show progress bars (in every stage)."""
+    overwrite: bool | None = None
+    """Replace the results of stages whose config changed since they ran; null = no."""
 
     def __post_init__(self):
         check_fields(self)

@@ -28,8 +28,11 @@ from tqdm.auto import tqdm
 from rto.advantages import (ADVANTAGE_ESTIMATORS, NEEDS_GROUPS, NORMALISED, USES_CRITIC, explained_variance, gae,
                             masked_mean, masked_sum, masked_whiten)
 from rto.experience import Experience, SequenceTensors, TokenTensors
+from rto.lora import LoraOptions, enable_gradient_checkpointing, one_base_roles
 from rto.losses import LOSS_AGGREGATIONS, policy_loss, value_loss
 from rto.checkpoint import load_checkpoint, save_checkpoint
+from rto.distributed import (all_sum, any_true, gather_lists, masked_moments, mean_over_processes, share_bounds,
+                             share_weight, world)
 from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, read_meta, save_model, set_trainable, weights_fingerprint
 from rto.rewards import (REWARD_SOURCES, adaptive_kl_coef, check_sources, compose_rewards, normalised_rm_score,
                          sentence_ends, sequence_kl, token_pieces)
@@ -45,53 +48,119 @@ REWARDS = ("rto", "sparse", "custom")
 
 
 @dataclass
-class PPOConfig(Checkpointing, Optimization, Common):
+class PPOConfig(LoraOptions, Checkpointing, Optimization, Common):
+    """Fields of `rto ppo`: PPO with RTO's dense token reward, the sparse RM reward or weighted reward sources."""
+
     out: str = "runs/ppo"
-    reward: str = "rto"  # rto: eq. 4.7 (dense DPO term + KL + RM at the end); sparse: classic PPO (KL + RM);
-    # custom: the weighted reward sources of --sources (+ KL)
-    sources: dict[str, float] | None = None  # --reward custom: reward source -> weight, e.g. {dpo: 0.05, rm: 1.0}
-    # (sources: rto.rewards.REWARD_SOURCES: dpo, simpo, rm and any registered with rto.rewards.register_source)
-    policy: str = DEFAULT_MODEL  # start of the policy (the SFT model)
-    ref: str | None = None  # KL reference; null = `policy`
-    dpo_model: str | None = None  # pi_dpo for the dense reward (needed by --reward rto): a model written by
-    # `rto dpo` with any --loss; a SimPO model pays its length-normalised log-prob ("simpo" source), the others
-    # log(pi_dpo / pi_ref) ("dpo" source)
+    reward: str = "rto"
+    """rto | sparse | custom. rto: paper eq. 4.7, the dense DPO token reward + the KL penalty + the RM score on
+    the last token; sparse: classic PPO, the KL penalty + the RM score; custom: the weighted `sources` + the
+    KL penalty."""
+    sources: dict[str, float] | None = None
+    """--reward custom only: reward source -> weight, e.g. {dpo: 0.05, rm: 1.0}. Sources: dpo, simpo, rm
+    (rto.rewards.REWARD_SOURCES) and any added with rto.rewards.register_source."""
+    policy: str = DEFAULT_MODEL
+    """Start of the policy (the SFT model): the embedded name, a local folder or a hub id."""
+    ref: str | None = None
+    """The reference pi_ref of the KL penalty and of the DPO reward; null = `policy`. It must be the model
+    dpo_model was trained against."""
+    dpo_model: str | None = None
+    """pi_dpo, the source of the dense reward (needed by --reward rto): a model written by `rto dpo` with any
+    --loss; a SimPO model pays its length-normalised log-prob (the simpo source), the others
+    log(pi_dpo / pi_ref) (the dpo source)."""
     reward_model: str = "runs/rm/model"
-    critic: str | None = None  # null = start from the reward model
-    task: str = "sentiment"  # train prompts and gold scorer (the gold score is logged, never trained on)
-    prompts: str | None = None  # a prompt file instead of the task's train prompts
+    """The reward model (written by `rto rm`); its score is normalised with the mean and std it recorded."""
+    critic: str | None = None
+    """Start of the critic (estimator gae only); null = the reward model, its head rescaled to predict the
+    normalised score."""
+    task: str = "sentiment"
+    """The task (rto.tasks: sentiment, ifeval): its train prompts and its gold scorer (the gold score is
+    logged, never trained on)."""
+    prompts: str | None = None
+    """A prompt file (JSON Lines, Parquet or a datasets folder) instead of the task's train prompts."""
     iterations: int = 8
-    rollout_size: int = 32  # responses per iteration: rollout_size / group_size prompts, each sampled group_size times
-    group_size: int = 1  # responses per prompt (grpo and rloo compare them: >= 2)
-    granularity: str = "token"  # where the DPO term is paid: token (RTO) | sentence (Semi-RTO) | delayed | shaping
-    estimator: str = "gae"  # advantages: gae (critic) | reinforce++ | grpo | rloo (critic-free)
+    """PPO iterations, each one rollout (sample, score, rewards, advantages) and ppo_epochs passes of updates
+    over it; >= 1."""
+    rollout_size: int = 32
+    """Responses per iteration: rollout_size / group_size prompts, each sampled group_size times; a multiple
+    of minibatch_size and of group_size; >= 1."""
+    group_size: int = 1
+    """Responses sampled per prompt; >= 1 (grpo and rloo compare them: >= 2)."""
+    granularity: str = "token"
+    """Where the dense reward is paid: token (RTO, eq. 4.7) | sentence (Semi-RTO: each sentence's sum on its
+    last token) | delayed (the whole sum on the last token) | shaping (RS-PPO: on every token, with its sum
+    taken off again at the last one)."""
+    estimator: str = "gae"
+    """Advantage estimator: gae (with the critic) | reinforce++ | grpo | rloo (critic-free: no critic is
+    loaded or trained; grpo and rloo need group_size >= 2 and gamma 1)."""
     minibatch_size: int = 8
+    """Responses per update; divides rollout_size; >= 1."""
     ppo_epochs: int = 1
+    """Passes over each rollout, in shuffled minibatches; >= 1."""
     max_new_tokens: int = 40
-    temperature: float = 1.0  # sampling temperature; the policy's and the KL's log-probs are taken at it
-    top_k: int = 0  # 0 = no top-k; > 0 truncates the sampler, so PPO runs off-policy
-    top_p: float = 1.0  # 1 = no nucleus cut; < 1 truncates the sampler, so PPO runs off-policy
+    """Longest response, in tokens: sampling stops at EOS or here; >= 1."""
+    temperature: float = 1.0
+    """Sampling temperature T; the policy's log-probs (PPO ratio) and the KL penalty are taken at T, the DPO
+    reward at 1; > 0."""
+    top_k: int = 0
+    """Sample only from the k most likely tokens; 0 = no cut. A cut makes PPO off-policy (its log-probs use
+    the full softmax); >= 0."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1 = no cut. A cut makes PPO off-policy (its log-probs use the full
+    softmax); in (0, 1]."""
     actor_lr: float = 3e-5
+    """Peak learning rate of the policy; > 0."""
     critic_lr: float = 3e-5
+    """Peak learning rate of the critic (estimator gae only); > 0."""
     warmup_ratio: float = 0.0
-    checkpoint_every: int = 1  # iterations
-    beta_dpo: float = 0.05  # paper's beta1
-    dpo_clip: float | None = 0.05  # clip of beta_dpo * log-ratio per token; null = none
-    beta_kl: float = 0.01  # paper's beta2 (initial value when adaptive_kl)
+    checkpoint_every: int = 1
+    """Iterations between checkpoints; 0 = only after the last one; >= 0."""
+    beta_dpo: float = 0.05
+    """The paper's beta1 (eq. 4.7): weight of the dense DPO reward log(pi_dpo / pi_ref) on every token
+    (--reward rto; for a SimPO model, of its simpo source); >= 0, 0 = off."""
+    dpo_clip: float | None = 0.05
+    """Each token's weighted dense reward (beta_dpo * log-ratio) is clipped to +-dpo_clip; null = no clip;
+    > 0. 0.05 follows the authors' public script."""
+    beta_kl: float = 0.01
+    """The paper's beta2: weight of the KL penalty -beta2 * (log pi - log pi_ref) on every token (k1
+    estimate, at temperature T); the start value when adaptive_kl; >= 0."""
     adaptive_kl: bool = False
-    target_kl: float = 6.0  # nats per response, for the adaptive controller
+    """Adapt beta_kl after every rollout towards target_kl (Ziegler et al. 2019's proportional controller)."""
+    target_kl: float = 6.0
+    """Target of adaptive_kl: KL(pi || pi_ref) in nats per response (the rollout's mean); > 0."""
     kl_horizon: int = 10000
-    beta_rm: float = 1.0  # paper's beta3
+    """Horizon of adaptive_kl, in responses: each rollout multiplies beta_kl by 1 + e * rollout_size /
+    kl_horizon, e = clip(KL / target_kl - 1, +-0.2); >= 1."""
+    beta_rm: float = 1.0
+    """The paper's beta3: weight of the reward-model score, paid on the last token (--reward rto and
+    sparse); >= 0."""
     rm_clip: float | None = 10.0
-    missing_eos_penalty: float | None = None  # subtracted from the normalised RM score of responses without EOS
+    """The normalised RM score (r - mu) / sigma is clipped to +-rm_clip before its weight applies; null = no
+    clip; > 0."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the normalised RM score of every response that did not end with EOS (before rm_clip);
+    null = none."""
     gamma: float = 1.0
+    """Discount factor gamma per token (gae, reinforce++; grpo and rloo need 1); in [0, 1]."""
     lam: float = 0.95
+    """GAE's lambda: 1 = the discounted return minus the value (more variance), 0 = one-step TD (more bias);
+    in [0, 1]."""
     clip: float = 0.2
+    """PPO's epsilon: the probability ratio pi / pi_old is clipped to [1 - epsilon, 1 + epsilon] in the policy
+    loss; > 0."""
     value_clip: float | None = 0.2
+    """The critic's new values are clipped to +-value_clip around the rollout's in the value loss; null =
+    plain squared error; > 0."""
     whiten_advantages: bool = True
-    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_sum | seq_mean_token_mean (rto.losses.aggregate)
+    """Whiten the advantages over the rollout's response tokens (zero mean, unit variance); reinforce++ and
+    grpo normalise their own and are not whitened again."""
+    loss_agg: str = "token_mean"
+    """How per-token losses become one number: token_mean (every token weighs the same) | seq_mean_token_sum
+    (a response weighs by its length) | seq_mean_token_mean (every response weighs the same)."""
     generation_batch_size: int = 32
+    """Responses generated at a time; >= 1."""
     score_batch_size: int = 16
+    """Responses scored at a time by each model (policy, reference, DPO model, reward model, critic); >= 1."""
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -203,14 +272,24 @@ def run(cfg: PPOConfig) -> dict:
     kept, prompt_ids = drop_long_prompts(run_, tokenizer, list(zip(prompts, prompt_rows)), cfg, "prompts", lambda x: x[0])
     prompts, prompt_rows = [p for p, _ in kept], [r for _, r in kept]
     load = lambda path, role: load_causal_lm(path, cfg.trust_remote_code, role=role).to(device)  # noqa: E731
+    if cfg.lora:  # one base: the policy a new adapter on it, the reference it without adapters, the DPO model a
+        # second adapter on it (rto.lora); lora_meta names the base in the saved adapter's record
+        lm_roles, lora_meta = one_base_roles(cfg.policy, cfg.ref, cfg.dpo_model if needs_dpo else None, dpo_record,
+                                             cfg, cfg.train_layers, load, run_.note)
+    else:
+        lm_roles = {"policy": load(cfg.policy, "policy"), "ref": frozen(load(cfg.ref or cfg.policy, "reference")),
+                    "dpo": frozen(load(cfg.dpo_model, "DPO model")) if needs_dpo else None}
+        lora_meta = {}
     roles = {
-        "policy": load(cfg.policy, "policy"),
-        "ref": frozen(load(cfg.ref or cfg.policy, "reference")),
-        "dpo": frozen(load(cfg.dpo_model, "DPO model")) if needs_dpo else None,
+        **lm_roles,
         "rm": frozen(ValueModel.from_pretrained(cfg.reward_model, cfg.trust_remote_code, role="reward model").to(device)),
         "critic": (ValueModel.from_pretrained(cfg.critic or cfg.reward_model, cfg.trust_remote_code, role="critic")
                    .to(device) if uses_critic else None),  # critic-free estimators need no values
     }
+    if cfg.gradient_checkpointing:  # the trained models recompute their layers' activations in the backward pass
+        for model in (roles["policy"], roles["critic"]):
+            if model is not None:
+                enable_gradient_checkpointing(model)
     if "dpo" in weights:
         check_dpo_reference(run_, cfg, roles["ref"], dpo_record)
     if warning := off_policy_warning(cfg.top_k, cfg.top_p):
@@ -231,6 +310,14 @@ def run(cfg: PPOConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(prompts), generator=gen).tolist()
     prompts_per_iter = cfg.rollout_size // cfg.group_size
+    # several processes (rto.distributed): each samples, scores and trains on its contiguous share of the
+    # iteration's prompts (whole groups), with minibatch_size / processes of its responses per minibatch
+    n_proc = world()[1]
+    if prompts_per_iter % n_proc or cfg.minibatch_size % n_proc:
+        raise ValueError(f"{n_proc} processes share each iteration's {prompts_per_iter} prompts and each minibatch's "
+                         f"{cfg.minibatch_size} responses equally: rollout_size / group_size and minibatch_size must "
+                         f"be multiples of {n_proc}")
+    first, last = share_bounds(prompts_per_iter)
     updates_per_iter = cfg.ppo_epochs * (cfg.rollout_size // cfg.minibatch_size)
     total = cfg.iterations * updates_per_iter
     # each trained model: (trainable parameters, optimizer, schedule); the critic only when the estimator uses values
@@ -257,7 +344,9 @@ def run(cfg: PPOConfig) -> dict:
         if tuple(state["rm_stats"]) != tuple(rm_stats):
             raise ValueError(f"{cfg.reward_model} changed since {run_.resume_from} was written (reward mean/std "
                              f"{tuple(state['rm_stats'])} then, {tuple(rm_stats)} now); --resume false starts over")
-    keep_rows(run_.dir / "rollouts.jsonl", lambda row: row["iteration"] <= done)
+    if run_.writer:
+        keep_rows(run_.dir / "rollouts.jsonl", lambda row: row["iteration"] <= done)
+    pure = not cfg.top_k and cfg.top_p >= 1.0  # pure sampling takes per-response seeds (rollout.generate)
 
     for it in tqdm(range(done + 1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter",
                    initial=done, total=cfg.iterations, disable=not cfg.progress):
@@ -265,13 +354,17 @@ def run(cfg: PPOConfig) -> dict:
         start_at = (it - 1) * prompts_per_iter
         idx = [order[(start_at + j) % len(order)] for j in range(prompts_per_iter) for _ in range(cfg.group_size)]
         group = torch.arange(prompts_per_iter).repeat_interleave(cfg.group_size)  # one id per prompt
+        # every response's sampling seed, drawn as one process draws them (pure sampling; see rollout.generate)
+        seeds = torch.randint(0, 2**62, (len(idx),)).tolist() if pure else None
+        mine = slice(first * cfg.group_size, last * cfg.group_size)  # this process's responses
+        idx, group, seeds = idx[mine], group[mine], seeds[mine] if pure else None
 
         # 1. rollout
         with timed(times, "time_generate_s"):
             rollout = generate(policy, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                batch_size=cfg.generation_batch_size, autocast=accelerator.autocast, desc="rollout",
-                               progress=cfg.progress, return_logprobs=True)
+                               progress=cfg.progress, return_logprobs=True, seeds=seeds)
 
         # 2. scoring (and the gold score, logged only)
         with timed(times, "time_score_s"):
@@ -295,11 +388,16 @@ def run(cfg: PPOConfig) -> dict:
         else:
             estimate = ADVANTAGE_ESTIMATORS[cfg.estimator]
             tok.advantages, tok.returns = estimate(tok.rewards, mask, groups=exp.seqs.group, gamma=cfg.gamma)
+        if n_proc > 1 and cfg.estimator == "reinforce++":  # its whitening spans the rollout of every process
+            tok.advantages = masked_whiten(tok.returns, mask, moments=masked_moments(tok.returns, mask))
         if cfg.whiten_advantages and cfg.estimator not in NORMALISED:
-            tok.advantages = masked_whiten(tok.advantages, mask)
+            tok.advantages = masked_whiten(tok.advantages, mask,
+                                           moments=masked_moments(tok.advantages, mask) if n_proc > 1 else None)
         # a NaN/inf anywhere in the rollout's numbers would poison every minibatch: skip this update
         bad = next((name for name, x in (("reward", tok.rewards), ("advantage", tok.advantages), ("value", tok.values),
                                          ("log-prob", tok.logp)) if not finite(x[mask.bool()])), None)
+        if n_proc > 1 and any_true(bad is not None) and bad is None:
+            bad = "number in another process's rollout"
         if bad:
             guard.skip(it, f"{bad} in the rollout")
 
@@ -311,7 +409,7 @@ def run(cfg: PPOConfig) -> dict:
                     sched.step()
         with timed(times, "time_update_s"):
             for _ in range(cfg.ppo_epochs if not bad else 0):
-                for mb in exp.minibatches(cfg.minibatch_size, gen):
+                for mb in exp.minibatches(cfg.minibatch_size // n_proc, gen):
                     b, m = mb.batch, mb.batch.response_mask
                     with accelerator.autocast():
                         logp = token_logprobs(policy, b, mb.trunk, n_shared, cfg.temperature)
@@ -323,6 +421,9 @@ def run(cfg: PPOConfig) -> dict:
                                                            cfg.value_clip, cfg.loss_agg)
                     # separate parameters: each loss reaches its own model
                     loss = pg_loss if critic is None else pg_loss + vf_loss
+                    if n_proc > 1:  # this process's share of the minibatch's tokens (token_mean) or responses
+                        units = float(m.sum()) if cfg.loss_agg == "token_mean" else float(len(m))
+                        loss = loss * share_weight(units, float(all_sum(units)))
                     grad_norms = backward_and_clip(accelerator, loss, [params for params, _, _ in trained.values()],
                                                    cfg.max_grad_norm)
                     if all(math.isfinite(norm) for norm in grad_norms):
@@ -343,7 +444,7 @@ def run(cfg: PPOConfig) -> dict:
 
         # logging (and the adaptive KL controller, which acts on the next rollout)
         kl = sequence_kl(tok.logp, tok.logp_ref, mask)
-        n_tokens = float(mask.sum())
+        n_tokens = float(all_sum(mask.sum()))  # every process's response tokens
         metrics = {
             "iteration": it, "prompts_seen": it * prompts_per_iter,
             "gold": float(exp.seqs.gold.mean()), "rm": float(exp.seqs.rm_score.mean()),
@@ -367,14 +468,16 @@ def run(cfg: PPOConfig) -> dict:
             "lr": actor_sched.get_last_lr()[0], "skipped_steps": guard.skipped,
             **{k: sum(v) / len(v) for k, v in stats.items()}, **times,
         }
+        metrics = mean_over_processes(metrics)  # this iteration's figures over every process's share
         run_.log(it, metrics)
         history.append(metrics)
-        with open(run_.dir / "rollouts.jsonl", "a") as f:
-            for j in range(len(exp)):
-                f.write(json.dumps({"iteration": it, "prompt": prompts[idx[j]][-1]["content"], "response": exp.texts[j],
-                                    "group": int(group[j]), "gold": float(exp.seqs.gold[j]),
-                                    "rm": float(exp.seqs.rm_score[j]),
-                                    "ended": bool(exp.seqs.ended[j])}) + "\n")
+        samples = gather_lists([{"iteration": it, "prompt": prompts[idx[j]][-1]["content"], "response": exp.texts[j],
+                                 "group": int(group[j]), "gold": float(exp.seqs.gold[j]),
+                                 "rm": float(exp.seqs.rm_score[j]), "ended": bool(exp.seqs.ended[j])}
+                                for j in range(len(exp))])
+        if run_.writer:
+            with open(run_.dir / "rollouts.jsonl", "a") as f:
+                f.writelines(json.dumps(sample) + "\n" for sample in samples)
         if cfg.adaptive_kl and math.isfinite(metrics["kl"]):
             beta_kl = adaptive_kl_coef(beta_kl, metrics["kl"], cfg.target_kl, cfg.kl_horizon, cfg.rollout_size)
         if it == cfg.iterations or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
@@ -388,7 +491,7 @@ def run(cfg: PPOConfig) -> dict:
         "dpo_loss": dpo_record.get("loss"), "beta_dpo": weights.get("dpo", weights.get("simpo")),
         "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl, "beta_rm": cfg.beta_rm, "temperature": cfg.temperature,
         "granularity": cfg.granularity, "estimator": cfg.estimator, "group_size": cfg.group_size,
-        "loss_agg": cfg.loss_agg})
+        "loss_agg": cfg.loss_agg, **lora_meta})
     if critic is not None:
         save_model(critic, tokenizer, run_.dir / "critic")
     last = history[-1]

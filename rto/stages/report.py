@@ -6,17 +6,25 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rto.distributed import is_main
 from rto.report import pairwise_verdict, write_report
 from rto.runtime import claim_run_folder, machine, read_metrics, versions
 
 
 @dataclass
 class ReportConfig:
-    out: str = "runs/demo"  # report.md, report.html and plots/ go here
-    eval: str = "runs/demo/eval"  # folder written by `rto eval`
-    curves: dict[str, str] = field(default_factory=dict)  # label -> `rto ppo` run folder
-    pipeline: str | None = None  # pipeline.json of `rto pipeline`, for the time per phase
+    """Fields of `rto report`: report.md and report.html from an eval folder and PPO run folders."""
+
+    out: str = "runs/demo"
+    """Folder of report.md, report.html and plots/: a new or empty folder, or one rto made."""
+    eval: str = "runs/demo/eval"
+    """Folder written by `rto eval` (its eval.json)."""
+    curves: dict[str, str] = field(default_factory=dict)
+    """Training curves to plot: label -> `rto ppo` run folder, e.g. {rto: runs/rto, ppo: runs/ppo}."""
+    pipeline: str | None = None
+    """pipeline.json of `rto pipeline`, for the time per phase and the recipe; null = none."""
     title: str = "rto report"
+    """Title of the report."""
 
 
 def _summary_lines(table: list[dict], baseline: str, pairwise: list[dict]) -> list[str]:
@@ -41,7 +49,11 @@ def _gold(table, label):
     return next(r["gold_mean"] for r in table if r["model"] == label)
 
 
-def run(cfg: ReportConfig) -> tuple[Path, Path]:
+def run(cfg: ReportConfig) -> tuple[Path, Path] | None:
+    """Write report.md and report.html into `cfg.out`; with several processes process 0 alone does (the others
+    return None at once)."""
+    if not is_main():
+        return None
     eval_path = Path(cfg.eval) / "eval.json"
     if not eval_path.exists():
         raise FileNotFoundError(f"{eval_path} not found: run `rto eval --out {cfg.eval}` first")

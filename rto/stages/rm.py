@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rto.distributed import gather_lists, share, world
 from rto.losses import bradley_terry_loss
 from rto.models import DEFAULT_MODEL, ValueModel, load_tokenizer, save_model, set_trainable
 from rto.rollout import encode_prompts
@@ -22,13 +23,22 @@ from rto.stages.common import (PairTraining, batches, fit, load_pair_split, pair
 
 @dataclass
 class RMConfig(PairTraining):
+    """Fields of `rto rm`: a Bradley-Terry reward model trained on a preference file."""
+
     out: str = "runs/rm"
-    model: str = DEFAULT_MODEL  # backbone to start from
-    pairs: str = "runs/pairs/pairs.jsonl"  # preference file (JSONL, Parquet or a datasets folder)
+    model: str = DEFAULT_MODEL
+    """Backbone to start from, a causal LM that gets a zero-initialised scalar head: the embedded name, a
+    local folder or a hub id."""
+    pairs: str = "runs/pairs/pairs.jsonl"
+    """Preference file: JSON Lines, Parquet or a datasets folder."""
     epochs: int = 2
-    lr: float = 3e-5  # backbone
-    head_lr: float = 1e-3  # scalar head (zero-initialised)
-    pooling: str = "last"  # score = head output on the last token, or its mean over the response ("mean")
+    lr: float = 3e-5
+    """Peak learning rate of the backbone (the head has head_lr); > 0."""
+    head_lr: float = 1e-3
+    """Peak learning rate of the scalar head; > 0."""
+    pooling: str = "last"
+    """A response's score: last = the head's output on its last token | mean = the head's output averaged
+    over its tokens. PPO and eval score with the pooling the model was trained with."""
 
 
 def reward_statistics(score_pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -81,9 +91,12 @@ def run(cfg: RMConfig) -> dict:
 
     with accelerator.autocast(), torch.no_grad():
         # reward statistics of the training responses under the final weights, in the batches of the final epoch
-        # (which saw each pair once), streamed: one batch is encoded and scored at a time, then dropped
-        final = (scores(*encoded(items)) for epoch, items in batches(train, cfg.batch_size, cfg.epochs, cfg.seed)
-                 if epoch == cfg.epochs - 1)
+        # (which saw each pair once), streamed: one batch is encoded and scored at a time, then dropped; with
+        # several processes each scores its share of every batch and only the scores travel
+        final = (scores(*encoded(share(items))) for epoch, items in batches(train, cfg.batch_size, cfg.epochs, cfg.seed)
+                 if epoch == cfg.epochs - 1 and share(items))
+        if world()[1] > 1:
+            final = gather_lists([(chosen.cpu(), rejected.cpu()) for chosen, rejected in final])
         summary = {"steps": steps, "train_pairs": len(train), "heldout_pairs": len(heldout),
                    **reward_statistics(final)}
         if heldout:

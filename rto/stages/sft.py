@@ -17,9 +17,13 @@ from rto.stages.common import (PairTraining, fit, load_pair_split, param_groups,
 
 @dataclass
 class SFTConfig(PairTraining):
+    """Fields of `rto sft`: supervised fine-tuning on the chosen responses of a preference file."""
+
     out: str = "runs/sft"
     model: str = DEFAULT_MODEL
-    data: str = "runs/pairs/pairs.jsonl"  # preference file; trains on prompt -> chosen
+    """The model to fine-tune: the embedded name, a local folder or a hub id."""
+    data: str = "runs/pairs/pairs.jsonl"
+    """Preference file (JSON Lines, Parquet or a datasets folder); trains on prompt -> chosen response."""
     lr: float = 2e-5
 
 

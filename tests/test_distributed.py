@@ -1,0 +1,254 @@
+"""Several processes on CPU (gloo): the data-parallel rules of rto.distributed, and the pipeline launched with
+torchrun on 2 processes against 1 process on the same global batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from safetensors.torch import load_file
+
+from rto import distributed as rd
+from rto.advantages import masked_whiten
+from rto.stages.common import batch_means
+
+KILLER = Path(__file__).with_name("kill_at_step.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the rules, one process -------------------------------------------------------------------------------------
+
+def test_shares_are_contiguous_cover_everything_and_differ_by_at_most_one():
+    for n in range(0, 12):
+        for w in (1, 2, 3, 5):
+            bounds = [rd.share_bounds(n, r, w) for r in range(w)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [b - a for a, b in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    assert rd.share(list("abcdefg"), 1, 2) == list("defg")  # [7 // 2, 7)
+
+
+def test_one_process_changes_nothing():
+    assert rd.world() == (0, 1) and rd.is_main()
+    assert rd.share_weight(3, 3) == 1.0
+    assert rd.gather_lists([1, 2]) == [1, 2] and rd.broadcast("x") == "x"
+    metrics = {"a": 1.5, "b": "text"}
+    assert rd.mean_over_processes(metrics) is metrics
+
+
+def test_batch_means_weigh_each_share_by_its_items():
+    # shares of 3 and 1 items with means 2 and 6: the batch mean is (3 * 2 + 1 * 6) / 4 = 3
+    loss, stats = batch_means([(3, 2.0, {"acc": 0.0}), (1, 6.0, {"acc": 1.0}), (0, 0.0, {})])
+    assert loss == pytest.approx(3.0) and stats == {"acc": pytest.approx(0.25)}
+    assert batch_means([(5, 0.1, {"x": 0.3})]) == (0.1, {"x": 0.3})  # one share: as it is, bit for bit
+
+
+# --- the rules, two gloo processes --------------------------------------------------------------------------------
+
+def _two_process_checks(rank: int, init: str, results) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        out = {}
+        # gradients: rank r holds grad r + 1 on p and none on q; the mean is 1.5 on p and 0.5 * (0 + 0) on q
+        p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.full((3,), rank + 1.0)
+        rd.average_gradients([p, q])
+        out["p"], out["q"] = p.grad.tolist(), q.grad.tolist()
+        # one poisoned process makes every process's gradient NaN
+        p.grad = torch.ones(3)
+        rd.average_gradients([p], poison=rank == 1)
+        out["poisoned"] = bool(torch.isnan(p.grad).all())
+        # whitening over both processes' entries equals whitening the concatenation
+        x = torch.tensor([[1.0, 2.0, 9.0]]) if rank == 0 else torch.tensor([[4.0, 7.0, 0.0]])
+        mask = torch.tensor([[1, 1, 1]]) if rank == 0 else torch.tensor([[1, 1, 0]])
+        out["whitened"] = masked_whiten(x, mask, moments=rd.masked_moments(x, mask)).tolist()
+        out["gathered"] = rd.gather_lists([rank] * (rank + 1))
+        out["broadcast"] = rd.broadcast(f"from {rank}")
+        out["any"] = rd.any_true(rank == 1)
+        out["mean"] = rd.mean_over_processes({"m": float(rank), "label": "x"})
+        # identical weights pass the sync check; a difference is found
+        model = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            model.weight.fill_(0.5)
+            model.bias.fill_(0.0)
+        rd.check_in_sync({"policy": model})
+        with torch.no_grad():
+            model.bias[0] = float(rank)
+        try:
+            rd.check_in_sync({"policy": model})
+            out["diverged"] = None
+        except RuntimeError as e:
+            out["diverged"] = str(e)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_rules_on_two_gloo_processes(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_two_process_checks, args=(f"file://{tmp_path / 'store'}", results), nprocs=2)
+    both = [results[0], results[1]]
+    for out in both:
+        assert out["p"] == [1.5] * 3 and out["q"] == [0.0, 0.0]
+        assert out["poisoned"]
+        assert out["gathered"] == [0, 1, 1] and out["broadcast"] == "from 0" and out["any"]
+        assert out["mean"] == {"m": 0.5, "label": "x"}
+        assert out["diverged"] and "differ between the 2 processes" in out["diverged"]
+    joined = torch.tensor([1.0, 2.0, 9.0, 4.0, 7.0])
+    expected = (joined - joined.mean()) / torch.sqrt(joined.var(unbiased=False) + 1e-8)
+    assert both[0]["whitened"][0] == pytest.approx(expected[:3].tolist(), abs=1e-6)
+    assert both[1]["whitened"][0] == pytest.approx(expected[3:].tolist() + [0.0], abs=1e-6)
+
+
+# --- the pipeline under torchrun -------------------------------------------------------------------------------------
+
+def _env() -> dict:
+    # one thread per process: 2 processes on the 2 cores, and the 1-process run on the same arithmetic
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launch(processes: int, *args: str, script: list[str] | None = None, timeout: int = 600):
+    """`rto ARGS` (or `python SCRIPT ARGS`) on `processes` processes through torchrun (gloo on CPU)."""
+    target = script or ["-m", "rto"]
+    if processes == 1:
+        cmd = [sys.executable, *target, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               *target, *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _recipe(tmp_path: Path, model: str, out: Path) -> Path:
+    # minibatch = rollout (and one update per pass): the same global minibatches in 1 and 2 processes
+    ppo = dict(policy=model, reward_model="{run}/rm/model", iterations=2, rollout_size=8, minibatch_size=8,
+               ppo_epochs=2, max_new_tokens=8, actor_lr=1e-3, critic_lr=1e-3)
+    recipe = {
+        "out": str(out),
+        "defaults": {"seed": 0, "train_layers": 2, "progress": False, "threads": 1},
+        "stages": [
+            {"stage": "pairs", "policy": model, "num_prompts": 16, "max_new_tokens": 8, "samples_per_prompt": 3},
+            {"stage": "rm", "model": model, "pairs": "{run}/pairs/pairs.jsonl", "epochs": 1, "batch_size": 4,
+             "lr": 1e-3},
+            {"stage": "dpo", "model": model, "pairs": "{run}/pairs/pairs.jsonl", "batch_size": 4, "lr": 1e-3},
+            {"name": "rto", "stage": "ppo", "reward": "rto", "dpo_model": "{run}/dpo/model", "beta_dpo": 0.5,
+             "dpo_clip": 0.5, **ppo},
+            {"stage": "eval", "ref": model, "num_prompts": 4, "max_new_tokens": 6, "baseline": "sft",
+             "models": [f"sft={model}", "rto={run}/rto/policy"], "reward_model": "{run}/rm/model"},
+            {"stage": "report", "out": "{run}", "eval": "{run}/eval", "pipeline": "{run}/pipeline.json",
+             "curves": {"rto": "{run}/rto"}},
+        ],
+    }
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    name = "model.safetensors" if (folder / "model.safetensors").exists() else "value_head.safetensors"
+    return load_file(str(folder / name))
+
+
+def _within_a_hundredth_of_training(start: dict, one: dict, two: dict) -> tuple[float, float]:
+    """(largest difference between the 1- and 2-process weights, largest change training made)."""
+    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one if k in start)
+    return diff, moved
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("distributed")
+    out = {}
+    for n in (1, 2):
+        folder = tmp / f"p{n}"
+        done = launch(n, "pipeline", str(_recipe(tmp, tiny_model, folder)))
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[n] = (folder, done)
+    return out
+
+
+def test_two_processes_write_what_one_process_writes(runs, tiny_model):
+    (one, _), (two, done) = runs[1], runs[2]
+    # the pairs are the same samples, text for text: each process drew the seeds of the whole batch
+    assert (two / "pairs" / "pairs.jsonl").read_text() == (one / "pairs" / "pairs.jsonl").read_text()
+    # one writer: one log line per event, one metrics row per step, one eval, one report
+    log = (two / "rto" / "log.txt").read_text()
+    assert log.count("ppo: reward") == 1
+    assert [r["iteration"] for r in map(json.loads, (two / "rto" / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert len((two / "rto" / "rollouts.jsonl").read_text().splitlines()) == 2 * 8  # both processes' responses
+    assert (two / "report.md").exists() and json.loads((two / "eval" / "eval.json").read_text())["table"]
+    assert done.stdout.count("pipeline: rto (ppo)") == 1  # printed by process 0 only
+
+
+@pytest.mark.parametrize("stage, folder", [("rm", "model"), ("dpo", "model"), ("rto", "policy"), ("rto", "critic")])
+def test_two_processes_train_the_weights_one_process_trains(runs, tiny_model, stage, folder):
+    """Same global batches, gradients averaged: the 2-process weights differ from the 1-process ones by float
+    rounding only, far less than training moved them (< 1%)."""
+    (one, _), (two, _) = runs[1], runs[2]
+    w1, w2 = _weights(one / stage / folder), _weights(two / stage / folder)
+    # what training started from: the tiny model, or for the critic the reward model it starts from
+    start = _weights(one / "rm" / "model") if folder == "critic" else load_file(str(Path(tiny_model) / "model.safetensors"))
+    diff, moved = _within_a_hundredth_of_training(start, w1, w2)
+    assert moved > 1e-4, f"{stage}/{folder} did not train"
+    assert diff < 0.01 * moved, f"{stage}/{folder}: 1 vs 2 processes differ by {diff:.3g}, training moved {moved:.3g}"
+
+
+def test_two_processes_log_the_figures_of_one(runs):
+    (one, _), (two, _) = runs[1], runs[2]
+    rm1, rm2 = (json.loads((f / "rm" / "model" / "rto_model.json").read_text()) for f in (one, two))
+    assert rm2["reward_mean"] == pytest.approx(rm1["reward_mean"], abs=1e-3)
+    assert rm2["reward_std"] == pytest.approx(rm1["reward_std"], rel=1e-3)
+    rows1, rows2 = ([json.loads(x) for x in (f / "rto" / "metrics.jsonl").read_text().splitlines()] for f in (one, two))
+    for r1, r2 in zip(rows1, rows2):
+        for key in ("gold", "rm", "kl", "length", "reward_dpo", "reward_rm", "policy_loss"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-3, abs=1e-4), key
+
+
+def _ppo_args(model: str, rm: str, out: Path) -> list[str]:
+    return ["ppo", "--reward", "sparse", "--policy", model, "--reward_model", rm, "--iterations", "3",
+            "--rollout_size", "8", "--minibatch_size", "4", "--max_new_tokens", "6", "--train_layers", "2",
+            "--progress", "false", "--threads", "1", "--out", str(out)]
+
+
+def test_a_killed_two_process_run_resumes_where_it_stopped(runs, tiny_model, tmp_path):
+    rm = str(runs[1][0] / "rm" / "model")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = launch(2, *_ppo_args(tiny_model, rm, whole))
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = launch(2, *_ppo_args(tiny_model, rm, cut), script=[str(KILLER), "2"])
+    assert killed.returncode != 0 and not (cut / "DONE").exists()
+    # another number of processes would share the data differently: refused in one line
+    other = launch(1, *_ppo_args(tiny_model, rm, cut))
+    assert other.returncode == 1 and "written by a run of 2 process(es)" in other.stderr
+    resumed = launch(2, *_ppo_args(tiny_model, rm, cut))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in (cut / "log.txt").read_text()
+    for folder in ("policy", "critic"):
+        a, b = _weights(whole / folder), _weights(cut / folder)
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+    rows = lambda f: [json.loads(x) for x in (f / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["gold"] for r in rows(cut)] == [r["gold"] for r in rows(whole)]
+
+
+def test_lora_on_two_processes_trains_the_adapter_one_process_trains(runs, tiny_model, tmp_path):
+    """LoRA under data parallelism: only the adapter trains, its gradients averaged; 2 processes end within float
+    rounding of 1 process on the same global batches (minibatch = rollout)."""
+    rm = str(runs[1][0] / "rm" / "model")
+    args = lambda out: [*_ppo_args(tiny_model, rm, out), "--lora", "true", "--iterations", "2",  # noqa: E731
+                        "--minibatch_size", "8", "--actor_lr", "1e-2"]
+    for n in (1, 2):
+        done = launch(n, *args(tmp_path / f"lora{n}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / f"lora{n}" / "policy" / "adapter_model.safetensors")) for n in (1, 2))
+    moved = max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k)  # B starts at 0
+    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert moved > 1e-4 and diff < 0.01 * moved, (diff, moved)
