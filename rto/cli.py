@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
@@ -26,7 +27,9 @@ COMMANDS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def build_parser() -> ArgumentParser:
+    """The `rto` parser, built once per process (reading every config's field docs takes a while)."""
     # a field's help text is the docstring under it in its config dataclass (those of base classes included)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="rto", description="RLHF with Reinforced Token Optimization (DPO meets PPO).",
