@@ -72,11 +72,13 @@ def model_card(meta: dict, config: dict | None = None, metrics: dict | None = No
     stage = stage or meta.get("stage")
     kind = (stage or "").split()[0] if stage else None
     value_model = kind == "rm" or role == "critic"
-    base = _base_model(config, role)
+    adapter = meta.get("adapter") == "lora"  # a peft adapter folder (rto.lora): its base is not in the folder
+    base = meta.get("base_model") if adapter else _base_model(config, role)
     tags = ["rto", "rlhf", *([kind] if kind else []), *(["reward-model"] if value_model else []),
             *([str(meta["loss"])] if meta.get("loss") and meta.get("loss") != kind else []),
             *([f"reward-{meta['reward']}"] if meta.get("reward") else [])]
-    front = {"library_name": "transformers", **({"base_model": _hub_id(base)} if _hub_id(base) else {}), "tags": tags}
+    tags += ["lora"] if adapter else []
+    front = {"library_name": "peft" if adapter else "transformers", **({"base_model": _hub_id(base)} if _hub_id(base) else {}), "tags": tags}
     title = f"{role} of `rto {stage}`" if stage else "a model saved by rto"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
     what = STAGES.get(kind or "", "a causal language model saved by rto")
@@ -96,6 +98,9 @@ def model_card(meta: dict, config: dict | None = None, metrics: dict | None = No
         lines += ["## Training record", "", "rto_model.json beside the weights.", "", *_table(meta, ("key", "value")), ""]
     load = ("from rto.models import ValueModel\nmodel = ValueModel.from_pretrained(folder)  # the scalar head is in "
             "value_head.safetensors" if value_model else
+            "from peft import AutoPeftModelForCausalLM  # the base model named in adapter_config.json, then this "
+            "adapter\nmodel = AutoPeftModelForCausalLM.from_pretrained(folder)\n# or, in rto: rto eval --models "
+            "label=folder (the adapter merged into its base)" if adapter else
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained(folder)\ntokenizer = AutoTokenizer.from_pretrained(folder)")
     lines += ["## Use", "", "```python", load, "```", ""]

@@ -67,3 +67,14 @@ def test_a_value_model_card_says_how_to_load_its_head(tmp_path, tiny_model):
     assert "reward-model" in head["tags"] and "ValueModel.from_pretrained" in text
     assert text.startswith("\n# critic of `rto ppo --reward sparse`") and "| final_gold | 0.25 |" in text
     assert f"**Base model:** `{tiny_model}`" in text  # the reward model the critic started from
+
+
+def test_an_adapter_card_names_its_base_and_loads_with_peft():
+    card = model_card({"stage": "dpo", "loss": "dpo", "adapter": "lora", "base_model": "smollm2-135m-instruct",
+                       "base_fingerprint": "abc"}, {"model": "some/other-model"}, stage="dpo --loss dpo")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "peft" and "lora" in front["tags"]
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the adapter's base, not the config's
+    assert "AutoPeftModelForCausalLM.from_pretrained(folder)" in card and "AutoModelForCausalLM" not in card
+    whole = model_card({"stage": "dpo", "loss": "dpo"}, {"model": "smollm2-135m-instruct"}, stage="dpo")
+    assert yaml.safe_load(whole.split("---")[1])["library_name"] == "transformers"

@@ -195,3 +195,20 @@ def test_a_reference_free_model_is_refused_as_the_dpo_source(capsys, tmp_path, t
     _one_line(capsys, ["ppo", "--reward", "custom", "--sources", "{dpo: 0.05, rm: 1.0}", "--policy", tiny_model,
                        "--reward_model", tiny_model, "--dpo_model", str(simpo), "--out", str(tmp_path / "o"),
                        "--progress", "false"], "reference-free simpo")
+
+
+def test_generation_budget_of_an_adapter_is_its_base_models(capsys, tmp_path, tiny_model):
+    """A LoRA adapter folder has no config of its own: the budget is checked against its base's 512 positions."""
+    import json
+
+    from rto.lora import LoraOptions, attach_adapter
+    from rto.models import load_causal_lm, load_tokenizer, save_model
+
+    adapter = tmp_path / "adapter"
+    peft_model = attach_adapter(load_causal_lm(tiny_model), LoraOptions(lora=True), train_layers=2)
+    save_model(peft_model, load_tokenizer(tiny_model), adapter, meta={"adapter": "lora", "base_model": tiny_model})
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    assert json.loads((adapter / "rto_model.json").read_text())["base_model"] == tiny_model
+    err = _one_line(capsys, ["pairs", "--policy", str(adapter), "--max_new_tokens", "100000", "--progress", "false",
+                             "--out", str(tmp_path / "p")], "positions")
+    assert "512" in err

@@ -84,3 +84,21 @@ def test_the_command_line_stops_before_anything_runs(monkeypatch, capsys, tmp_pa
     assert err.count("\n") == 0 and "optional extra 'wandb'" in err and not out.exists()
     with pytest.raises(ConfigError, match="report_to must be one of tensorboard, wandb, mlflow, trackio, none"):
         DPOConfig(report_to="comet")
+
+
+def test_pipeline_and_demo_pass_report_to_on_to_every_stage(tmp_path, monkeypatch):
+    from rto.config import ConfigError
+    from rto.stages import pipeline
+
+    recipe = pipeline.demo_recipe()
+    configs = pipeline.stage_configs(pipeline.load_recipe(recipe), recipe, {"out": str(tmp_path), "report_to": "none"})
+    tracked = [cfg.report_to for _, _, cfg in configs if hasattr(cfg, "report_to")]
+    assert len(tracked) >= 5 and set(tracked) == {"none"}
+    unset = pipeline.stage_configs(pipeline.load_recipe(recipe), recipe, {"out": str(tmp_path), "report_to": None})
+    assert {cfg.report_to for _, _, cfg in unset if hasattr(cfg, "report_to")} == {"tensorboard"}
+    with pytest.raises(ConfigError, match="report_to"):
+        pipeline.PipelineConfig(recipe=recipe, report_to="bogus")
+    seen = []
+    monkeypatch.setattr(pipeline, "run", lambda cfg: seen.append(cfg) or tmp_path)
+    pipeline.demo(pipeline.DemoConfig(out=str(tmp_path), report_to="none"))
+    assert seen[0].report_to == "none"

@@ -168,10 +168,14 @@ def check_token_budget(cfg: Common, path: str, role: str, new_tokens: int) -> No
     beyond the positions of the model at `path` (its config's max_position_embeddings)."""
     from transformers import AutoConfig
 
+    from rto.lora import adapter_base, is_adapter_folder
     from rto.models import resolve_model
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model(path, role), trust_remote_code=cfg.trust_remote_code)
+        folder = resolve_model(path, role)
+        if is_adapter_folder(folder):  # a LoRA adapter: the positions are its base model's
+            folder = resolve_model(adapter_base(folder), role)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     except Exception:  # noqa: BLE001  (an unreadable model is reported, in one line, when its weights load)
         return
     limit = getattr(config, "max_position_embeddings", None)

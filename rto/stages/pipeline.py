@@ -34,7 +34,7 @@ import yaml
 
 from rto.config import check_fields
 from rto.distributed import broadcast, is_main
-from rto.runtime import check_name, claim_run_folder, finished_summary, inside
+from rto.runtime import check_name, check_report_to, claim_run_folder, finished_summary, inside
 from rto.stages.registry import STAGES, parse_config
 
 ALWAYS_RUN = {"report"}  # cheap, and should reflect the latest results
@@ -59,9 +59,14 @@ class PipelineConfig:
     """Show progress bars (in every stage)."""
     overwrite: bool | None = None
     """Replace the results of stages whose config changed since they ran; null = as in the recipe."""
+    report_to: str | None = None
+    """Where every stage's metrics also go: tensorboard | wandb | mlflow | trackio | none (rto.runtime.TRACKERS);
+    null = as in the recipe (tensorboard unless it says otherwise)."""
 
     def __post_init__(self):
         check_fields(self)
+        if self.report_to is not None:
+            check_report_to(self.report_to)
 
 
 def _fill(value, run_dir: str):
@@ -155,7 +160,7 @@ def run(cfg: PipelineConfig) -> Path:
     source = str(cfg.recipe)
     recipe = load_recipe(source)
     overrides = {"out": cfg.out, "seed": cfg.seed, "precision": cfg.precision, "threads": cfg.threads,
-                 "progress": cfg.progress, "overwrite": cfg.overwrite}
+                 "progress": cfg.progress, "overwrite": cfg.overwrite, "report_to": cfg.report_to}
     configs = stage_configs(recipe, source, overrides)
     run_dir = Path(cfg.out or recipe.get("out") or "runs/pipeline")
     main = is_main()  # with several processes, process 0 writes the pipeline's files and decides what to skip
@@ -207,15 +212,21 @@ class DemoConfig:
     """Show progress bars (in every stage)."""
     overwrite: bool | None = None
     """Replace the results of stages whose config changed since they ran; null = no."""
+    report_to: str | None = None
+    """Where every stage's metrics also go: tensorboard | wandb | mlflow | trackio | none (rto.runtime.TRACKERS);
+    null = tensorboard."""
 
     def __post_init__(self):
         check_fields(self)
+        if self.report_to is not None:
+            check_report_to(self.report_to)
 
 
 def demo(cfg: DemoConfig) -> Path:
     """The whole RTO pipeline on the embedded default (recipe rto/recipes/demo.yaml), then the report."""
     started = time.time()
     run_dir = run(PipelineConfig(recipe=demo_recipe(), out=cfg.out, seed=cfg.seed, precision=cfg.precision,
-                                 threads=cfg.threads, progress=cfg.progress, overwrite=cfg.overwrite))
+                                 threads=cfg.threads, progress=cfg.progress, overwrite=cfg.overwrite,
+                                 report_to=cfg.report_to))
     print(f"demo: finished in {time.time() - started:.0f} s; open {run_dir / 'report.html'} (or report.md)")
     return run_dir
