@@ -56,7 +56,8 @@ def row_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def _last_hidden(decoder, ids, mask, positions, cache) -> torch.Tensor:
-    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    # the cache goes fourth, by position: transformers 5 renamed that argument (past_key_values -> cache) in place
+    out = decoder(ids, mask, positions, cache, use_cache=True)
     return out.last_hidden_state[:, -1]
 
 

@@ -175,3 +175,16 @@ def test_real_model_greedy_and_logprobs():
     scored = token_logprobs(model, rollout.batch)
     assert torch.allclose(rollout.sampler_logp[mask], scored[mask], atol=1e-4)
     assert all(not (set(r[:-1]) & eos_ids(model, tokenizer)) for r in rollout.response_ids)
+
+
+def test_the_decode_loop_uses_no_deprecated_argument(tiny):
+    """transformers 5 renamed the decoder's cache argument (past_key_values -> cache) and warns on the old name
+    until it removes it; the loop passes the cache by position, so no version of the 5 series warns or breaks."""
+    import warnings
+
+    model, tokenizer = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        tokens, _, _ = sample(model, _prompts(tokenizer)[:2], max_new_tokens=3, eos_ids=eos_ids(model, tokenizer),
+                              pad_id=tokenizer.pad_token_id, seeds=[1, 2])
+    assert all(1 <= len(t) <= 3 for t in tokens)
