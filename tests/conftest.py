@@ -29,3 +29,15 @@ def make_tiny_model(folder, layers: int = 4, hidden: int = 64, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> str:
+    """Six preference pairs (a cheerful answer over a sad one; every other rejected answer cut before EOS)."""
+    import json
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Describe item {i}.", "chosen": "A lovely, great thing.",
+                                        "rejected": "A sad thing.", "chosen_ended": True,
+                                        "rejected_ended": i % 2 == 0}) + "\n" for i in range(6)))
+    return str(path)

@@ -13,15 +13,6 @@ from rto.stages import dpo
 from rto.stages.dpo import DPOConfig, run
 
 
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Describe item {i}.", "chosen": "A lovely, great thing.",
-                                        "rejected": "A sad thing.", "chosen_ended": True,
-                                        "rejected_ended": i % 2 == 0}) + "\n" for i in range(6)))
-    return str(path)
-
-
 def _weights(folder) -> dict:
     from safetensors.torch import load_file
 

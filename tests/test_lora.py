@@ -175,15 +175,6 @@ def test_lora_fields_are_checked_and_documented(tiny_model, capsys):
 
 
 @pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Describe item {i}.", "chosen": "A lovely, great thing.",
-                                        "rejected": "A sad thing.", "chosen_ended": True,
-                                        "rejected_ended": i % 2 == 0}) + "\n" for i in range(6)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def reward_model(tiny_model, tmp_path_factory) -> str:
     rm = ValueModel.from_pretrained(tiny_model)
     with torch.no_grad():

@@ -396,8 +396,8 @@ def run(cfg: PPOConfig) -> dict:
         # a NaN/inf anywhere in the rollout's numbers would poison every minibatch: skip this update
         bad = next((name for name, x in (("reward", tok.rewards), ("advantage", tok.advantages), ("value", tok.values),
                                          ("log-prob", tok.logp)) if not finite(x[mask.bool()])), None)
-        if n_proc > 1 and any_true(bad is not None) and bad is None:
-            bad = "number in another process's rollout"
+        if n_proc > 1 and any_true(bad is not None):  # every process skips the update together
+            bad = bad or "number in another process's rollout"
         if bad:
             guard.skip(it, f"{bad} in the rollout")
 
