@@ -32,8 +32,9 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
 
 
 def draw_tokens(logits: torch.Tensor, temperature: float, greedy: bool,
-                generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from fp32 `logits` [b, V] and its log-prob: (tokens [b], log pi_T(token) [b]).
+                generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row from fp32 `logits` [b, V], its log-prob and the distribution's entropy:
+    (tokens [b], log pi_T(token) [b], H = -sum_v pi_T(v) log pi_T(v) [b]).
 
     pi_T = softmax(logits / T) (T = 1 when greedy). Greedy takes the argmax; sampling inverts the CDF: with
     u ~ U(0, 1) from generators[i] for row i, the token is the first v with cumsum(pi_T)_v > u * sum(pi_T), so
@@ -48,7 +49,7 @@ def draw_tokens(logits: torch.Tensor, temperature: float, greedy: bool,
         u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
         tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
         tokens = tokens.clamp_(max=cdf.shape[-1] - 1)
-    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
+    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log(), torch.special.entr(probs).sum(-1)
 
 
 def row_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -92,8 +93,9 @@ def _prefill(decoder, prompts: list[list[int]], pad_id: int) -> tuple[DynamicCac
 @torch.inference_mode()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set[int], pad_id: int,
            temperature: float = 1.0, greedy: bool = False, seeds: list[int] | None = None,
-           autocast=None) -> tuple[list[list[int]], list[bool], list[list[float]]]:
-    """Responses to `prompts`, each cut after its first EOS (kept): (tokens, ended, log pi_T of each token).
+           autocast=None) -> tuple[list[list[int]], list[bool], list[list[float]], list[list[float]]]:
+    """Responses to `prompts`, each cut after its first EOS (kept): (tokens, ended, log pi_T of each token,
+    entropy of pi_T at each token).
 
     `seeds` (one per prompt; drawn from the global RNG when None) seed each row's noise; `autocast` (a
     context-manager factory) wraps the decoder's forward, the logits stay fp32. The model is used as it is
@@ -109,6 +111,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
     source = torch.tensor([row_of[tuple(p)] for p in prompts])
     tokens: list[list[int]] = [[] for _ in prompts]
     logps: list[list[float]] = [[] for _ in prompts]
+    entropies: list[list[float]] = [[] for _ in prompts]
     ended = [False] * len(prompts)
     generators = None if greedy else row_generators(seeds)
     with autocast() if autocast is not None else nullcontext():
@@ -121,12 +124,13 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
     active = list(range(len(prompts)))  # the original index of each row still in the batch
     eos = torch.tensor(sorted(eos_ids), device=device)
     for step in range(max_new_tokens):
-        drawn, logp = draw_tokens(lm_logits(model, hidden), temperature, greedy,
-                                  None if greedy else [generators[i] for i in active])
+        drawn, logp, entropy = draw_tokens(lm_logits(model, hidden), temperature, greedy,
+                                           None if greedy else [generators[i] for i in active])
         done = torch.isin(drawn, eos)
-        for i, tok, lp, fin in zip(active, drawn.tolist(), logp.tolist(), done.tolist()):
+        for i, tok, lp, h, fin in zip(active, drawn.tolist(), logp.tolist(), entropy.tolist(), done.tolist()):
             tokens[i].append(tok)
             logps[i].append(lp)
+            entropies[i].append(h)
             ended[i] = fin
         if step == max_new_tokens - 1 or bool(done.all()):
             break
@@ -139,4 +143,4 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
         with autocast() if autocast is not None else nullcontext():
             hidden = _last_hidden(decoder, drawn[:, None], mask, positions, cache)
         positions = positions + 1
-    return tokens, ended, logps
+    return tokens, ended, logps, entropies

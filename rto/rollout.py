@@ -110,9 +110,11 @@ class Rollout:
     ended: torch.Tensor  # [B] bool: the response emitted EOS within the budget
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
-    # [B, T] log pi_T(y_t | s_t) of each sampled token under the distribution it was drawn from (from the
-    # generation's own logits); None unless generate(..., return_logprobs=True)
+    # [B, T] log pi_T(y_t | s_t) of each sampled token under the distribution it was drawn from, and that
+    # distribution's entropy H(pi_T(. | s_t)) (from the generation's own logits); None unless
+    # generate(..., return_logprobs=True)
     sampler_logp: torch.Tensor | None = None
+    sampler_entropy: torch.Tensor | None = None
 
 
 def sampling_config(*, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -175,7 +177,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     leave the batch, each row's noise from its own generator seeded from the global RNG); top_k > 0 or
     top_p < 1 go through transformers' generate. Prompts are sorted by length into batches of `batch_size`;
     the results come back in the input order. With return_logprobs, the log-prob of each sampled token under
-    the distribution it was sampled from (log_softmax(logits / temperature)) comes back too.
+    the distribution it was sampled from (log_softmax(logits / temperature)) and that distribution's entropy
+    come back too.
 
     `seeds` (one per prompt) seed the rows' noise of pure sampling; None draws them from the global RNG, as
     `torch.randint(0, 2**62, (len(prompt_ids),))`: several processes draw the seeds of the whole batch that way
@@ -194,11 +197,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_ids)} prompts")
 
     def decode(idx: list[int]):
-        tokens, done, logps = sample(model, [prompt_ids[i] for i in idx], max_new_tokens=max_new_tokens,
-                                     eos_ids=eos, pad_id=tokenizer.pad_token_id, temperature=temperature,
-                                     greedy=greedy, seeds=None if greedy else [seeds[i] for i in idx],
-                                     autocast=autocast)
-        return zip(tokens, done, logps)
+        return zip(*sample(model, [prompt_ids[i] for i in idx], max_new_tokens=max_new_tokens, eos_ids=eos,
+                           pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=greedy,
+                           seeds=None if greedy else [seeds[i] for i in idx], autocast=autocast))
 
     return _in_batches(model, tokenizer, prompt_ids, batch_size, desc, progress, decode, return_logprobs)
 
@@ -206,35 +207,39 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
 def _in_batches(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, desc: str, progress: bool, decode,
                 return_logprobs: bool) -> Rollout:
     """Prompts sorted by length into batches of `batch_size`, each decoded by `decode(indices)` -> one
-    (response ids cut after EOS, ended, sampled log-probs) per row, in eval mode; a Rollout in input order
-    (an empty response becomes the EOS token alone)."""
+    (response ids cut after EOS, ended, sampled log-probs, entropies) per row, in eval mode; a Rollout in
+    input order (an empty response becomes the EOS token alone)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     responses: list[list[int] | None] = [None] * len(prompt_ids)
     sampled_logp: list[list[float] | None] = [None] * len(prompt_ids)
+    entropies: list[list[float] | None] = [None] * len(prompt_ids)
     ended = torch.zeros(len(prompt_ids), dtype=torch.bool)
     bar = tqdm(total=len(prompt_ids), desc=desc, unit="seq", disable=not progress, leave=False)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            for i, (tokens, done, logps) in zip(idx, decode(idx)):
-                responses[i], ended[i], sampled_logp[i] = tokens or [tokenizer.eos_token_id], done, logps
+            for i, (tokens, done, logps, entropy) in zip(idx, decode(idx)):
+                responses[i], ended[i] = tokens or [tokenizer.eos_token_id], done
+                sampled_logp[i], entropies[i] = logps, entropy
             bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
-    return _rollout(prompt_ids, responses, ended, tokenizer.pad_token_id, sampled_logp if return_logprobs else None)
-
-
-def _rollout(prompt_ids, responses, ended, pad_id: int, sampled_logp: list[list[float]] | None) -> Rollout:
-    batch = collate(prompt_ids, responses, pad_id)
+    batch = collate(prompt_ids, responses, tokenizer.pad_token_id)
     rollout = Rollout(batch=batch, ended=ended, prompt_ids=prompt_ids, response_ids=responses)
-    if sampled_logp is not None:
-        rollout.sampler_logp = torch.zeros_like(batch.response_mask)
-        for i, values in enumerate(sampled_logp):
-            rollout.sampler_logp[i, : len(values)] = torch.tensor(values)
+    if return_logprobs:
+        rollout.sampler_logp, rollout.sampler_entropy = _padded(sampled_logp, batch), _padded(entropies, batch)
     return rollout
+
+
+def _padded(rows: list[list[float]], batch: SeqBatch) -> torch.Tensor:
+    """Per-token figures of each response as a [B, T] tensor in the batch's response layout, 0 off it."""
+    out = torch.zeros_like(batch.response_mask)
+    for i, values in enumerate(rows):
+        out[i, : len(values)] = torch.tensor(values)
+    return out
 
 
 @torch.no_grad()
@@ -259,11 +264,13 @@ def _generate_transformers(model, tokenizer, prompt_ids: list[list[int]], *, max
                                  generation_config=config)
         new = out.sequences[:, enc["input_ids"].shape[1] :]
         if return_logprobs:  # [b, steps]: log pi_T of the token drawn at each step
-            logits = torch.stack(out.logits, 1).float() / (1.0 if greedy else temperature)
-            picked = logits.gather(-1, new.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+            logp = torch.log_softmax(torch.stack(out.logits, 1).float() / (1.0 if greedy else temperature), -1)
+            picked = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
         for row in range(len(idx)):
             tokens, ended = cut_at_eos(new[row].tolist(), eos)
-            yield tokens, ended, picked[row, : len(tokens)].tolist() if return_logprobs else None
+            yield (tokens, ended, *((picked[row, : len(tokens)].tolist(), entropy[row, : len(tokens)].tolist())
+                                    if return_logprobs else (None, None)))
 
     return _in_batches(model, tokenizer, prompt_ids, batch_size, desc, progress, decode, return_logprobs)
 

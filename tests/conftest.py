@@ -41,3 +41,21 @@ def pairs_file(tmp_path_factory) -> str:
                                         "rejected": "A sad thing.", "chosen_ended": True,
                                         "rejected_ended": i % 2 == 0}) + "\n" for i in range(6)))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def reward_model(tiny_model, tmp_path_factory) -> str:
+    """The tiny model with a random scalar head, so responses get different scores."""
+    import torch
+
+    from rto.models import ValueModel, load_tokenizer
+
+    rm = ValueModel.from_pretrained(tiny_model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=gen) * 0.5)
+    rm.meta = {"reward_mean": 0.0, "reward_std": 1.0}
+    folder = tmp_path_factory.mktemp("rm") / "model"
+    rm.save_pretrained(folder)
+    load_tokenizer(tiny_model).save_pretrained(folder)
+    return str(folder)

@@ -37,20 +37,6 @@ def dpo_model(tiny_model, tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def reward_model(tiny_model, tmp_path_factory) -> str:
-    """The tiny model with a random scalar head, so responses get different scores."""
-    rm = ValueModel.from_pretrained(tiny_model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=gen) * 0.5)
-    rm.meta = {"reward_mean": 0.0, "reward_std": 1.0}
-    folder = tmp_path_factory.mktemp("rm") / "model"
-    rm.save_pretrained(folder)
-    load_tokenizer(tiny_model).save_pretrained(folder)
-    return str(folder)
-
-
 class Calls:
     """Records (args, kwargs, result) of functions of the PPO stage (module attributes or registry entries)."""
 

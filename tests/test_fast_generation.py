@@ -13,7 +13,7 @@ import torch
 from rto.decoding import draw_tokens, row_generators, sample, shared_prefix_length
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rto.rollout import _generate_transformers, encode_prompts, eos_ids, generate
-from rto.sequences import token_logprobs
+from rto.sequences import entropy_from_logits, response_logits, token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,22 @@ def test_stored_logprobs_equal_a_fresh_forward(tiny, temperature):
     scored = token_logprobs(model, rollout.batch, temperature=temperature)
     assert torch.allclose(rollout.sampler_logp[mask], scored[mask], atol=1e-4)
     assert (rollout.sampler_logp[~mask] == 0).all()
+    # PPO takes its old log-probs and entropies from the sampler: both equal the scoring pass's
+    entropy = entropy_from_logits(response_logits(model, rollout.batch), rollout.batch, temperature)
+    assert torch.allclose(rollout.sampler_entropy[mask], entropy[mask], atol=1e-4)
+    assert (rollout.sampler_entropy[~mask] == 0).all()
+    hf = _generate_transformers(model, tokenizer, _prompts(tokenizer), max_new_tokens=10, temperature=temperature,
+                                progress=False, return_logprobs=True)
+    hf_mask = hf.batch.response_mask.bool()
+    hf_entropy = entropy_from_logits(response_logits(model, hf.batch), hf.batch, temperature)
+    assert torch.allclose(hf.sampler_entropy[hf_mask], hf_entropy[hf_mask], atol=1e-4)
 
 
 def test_draw_tokens_follows_softmax_at_the_temperature():
     torch.manual_seed(0)
     logits = 2.0 * torch.randn(1, 400)
     n, temperature = 20000, 0.7
-    tokens, logp = draw_tokens(logits.expand(n, -1), temperature, False, row_generators(range(n)))
+    tokens, logp, entropy = draw_tokens(logits.expand(n, -1), temperature, False, row_generators(range(n)))
     probs = torch.softmax(logits[0] / temperature, -1)
     counts = torch.bincount(tokens, minlength=400).double()
     stat, dof = chi_square(counts, probs.double())
@@ -88,6 +97,7 @@ def test_draw_tokens_follows_softmax_at_the_temperature():
         wrong_stat, wrong_dof = chi_square(counts, (wrong / wrong.sum()).double())
         assert wrong_stat > chi_square_bound(wrong_dof)
     assert torch.allclose(logp, torch.log_softmax(logits[0] / temperature, -1)[tokens], atol=1e-5)
+    assert torch.allclose(entropy, -(probs * probs.log()).sum(), atol=1e-5)
 
 
 def test_sampled_first_tokens_follow_the_model(tiny_model):
@@ -120,15 +130,15 @@ def test_a_row_draws_the_same_tokens_alone(tiny):
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)
     seeds = [11, 12, 13, 14, 15]
-    free, _, _ = sample(model, prompts, max_new_tokens=12, eos_ids=set(), pad_id=tokenizer.pad_token_id,
+    free, *_ = sample(model, prompts, max_new_tokens=12, eos_ids=set(), pad_id=tokenizer.pad_token_id,
                         seeds=seeds)
     assert free[1] != free[2]  # the repeated prompt's rows draw their own tokens
     stop = {free[0][3], free[3][1]}  # EOS ids that end rows at different steps, so rows leave the batch
-    together, ended, _ = sample(model, prompts, max_new_tokens=12, eos_ids=stop, pad_id=tokenizer.pad_token_id,
+    together, ended, *_ = sample(model, prompts, max_new_tokens=12, eos_ids=stop, pad_id=tokenizer.pad_token_id,
                                 seeds=seeds)
     assert ended[0] and ended[3] and len(together[0]) <= 4 and len(together[3]) <= 2
     for i, (p, seed) in enumerate(zip(prompts, seeds)):
-        alone, alone_ended, _ = sample(model, [p], max_new_tokens=12, eos_ids=stop, pad_id=tokenizer.pad_token_id,
+        alone, alone_ended, *_ = sample(model, [p], max_new_tokens=12, eos_ids=stop, pad_id=tokenizer.pad_token_id,
                                        seeds=[seed])
         assert together[i] == alone[0] and ended[i] == alone_ended[0]
         cut = next((k + 1 for k, t in enumerate(free[i]) if t in stop), len(free[i]))
@@ -174,6 +184,9 @@ def test_real_model_greedy_and_logprobs():
     mask = rollout.batch.response_mask.bool()
     scored = token_logprobs(model, rollout.batch)
     assert torch.allclose(rollout.sampler_logp[mask], scored[mask], atol=1e-4)
+    entropy = entropy_from_logits(response_logits(model, rollout.batch), rollout.batch)
+    assert torch.allclose(rollout.sampler_entropy[mask], entropy[mask], atol=1e-4)
+    assert entropy[mask].std() > 0.1  # a trained model: the entropies differ from token to token
     assert all(not (set(r[:-1]) & eos_ids(model, tokenizer)) for r in rollout.response_ids)
 
 
@@ -185,6 +198,6 @@ def test_the_decode_loop_uses_no_deprecated_argument(tiny):
     model, tokenizer = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        tokens, _, _ = sample(model, _prompts(tokenizer)[:2], max_new_tokens=3, eos_ids=eos_ids(model, tokenizer),
+        tokens, *_ = sample(model, _prompts(tokenizer)[:2], max_new_tokens=3, eos_ids=eos_ids(model, tokenizer),
                               pad_id=tokenizer.pad_token_id, seeds=[1, 2])
     assert all(1 <= len(t) <= 3 for t in tokens)

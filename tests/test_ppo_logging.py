@@ -9,7 +9,8 @@ from rto.stages.ppo import PPOConfig, run
 
 
 def _config(tmp_path, tiny_model, name, **kw):
-    return PPOConfig(out=str(tmp_path / name), reward="sparse", policy=tiny_model, reward_model=tiny_model,
+    kw.setdefault("reward_model", tiny_model)
+    return PPOConfig(out=str(tmp_path / name), reward="sparse", policy=tiny_model,
                      iterations=3, rollout_size=4, minibatch_size=2, max_new_tokens=6, train_layers=2, progress=False,
                      precision="fp32", actor_lr=1e-3, critic_lr=1e-3, warmup_ratio=0.3, min_lr_ratio=0.0,
                      temperature=0.9, **kw)
@@ -22,16 +23,33 @@ def metrics(tmp_path_factory, tiny_model):
     return read_metrics(tmp / "p")
 
 
+
+
 def test_every_iteration_logs_the_usual_diagnostics(metrics):
     for row in metrics:
         for key in ("explained_variance", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "kl", "kl_per_token",
-                    "tokens_per_s_generate", "tokens_per_s_score", "tokens_per_s_update", "sampler_logp_gap"):
+                    "tokens_per_s_generate", "tokens_per_s_score", "tokens_per_s_update"):
             assert key in row, key
         assert row["entropy"] > 0  # a random tiny model samples from a wide distribution
         assert row["tokens_per_s_generate"] > 0 and row["tokens_per_s_score"] > 0 and row["tokens_per_s_update"] > 0
-        # the sampler drew each token from the distribution the scoring pass computes (fp32: rounding only)
-        assert row["sampler_logp_gap"] < 1e-4
         assert math.isnan(row["explained_variance"]) or row["explained_variance"] <= 1
+        assert "sampler_logp_gap" not in row  # the old log-probs are the sampler's: nothing to compare
+
+
+def test_sampler_logprobs_stand_for_a_scoring_pass_of_the_policy(tmp_path, tiny_model, reward_model):
+    """By default PPO's old log-probs and entropies are the sampler's; a run that rescores the policy (and logs
+    the gap) samples the same tokens and trains to the same numbers, up to fp32 rounding."""
+    runs = {}
+    for name, rescore in (("sampler", False), ("rescored", True)):
+        run(_config(tmp_path, tiny_model, name, rescore_policy=rescore, reward_model=reward_model))
+        runs[name] = read_metrics(tmp_path / name)
+    assert len(runs["sampler"]) == len(runs["rescored"]) == 3
+    assert runs["sampler"][-1]["kl"] != 0  # the policy moved: later iterations compare trained policies
+    for ours, theirs in zip(runs["sampler"], runs["rescored"]):
+        # the sampler drew each token from the distribution the scoring pass computes (fp32: rounding only)
+        assert theirs["sampler_logp_gap"] < 1e-4
+        for key in ("length", "rm_raw", "kl", "entropy", "policy_loss", "value_loss", "approx_kl", "reward_total"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-5), key
 
 
 def test_a_skipped_rollout_still_advances_the_schedules(tmp_path, tiny_model, metrics, monkeypatch):

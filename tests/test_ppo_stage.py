@@ -207,8 +207,8 @@ def roles(tiny_model, reward_model):
 
 @pytest.mark.parametrize("penalty", [None, 0.5, 3.0])
 def test_score_rollout_penalises_only_responses_without_eos(tiny_model, roles, penalty):
-    cfg = ppo.PPOConfig(reward="sparse", missing_eos_penalty=penalty, score_batch_size=2)
-    accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    cfg = ppo.PPOConfig(reward="sparse", missing_eos_penalty=penalty, score_batch_size=2, rescore_policy=True)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext, mixed_precision="no")
     ended = [True, False, False, True]
     texts, rows = ["a", "b", "c", "d"], [{"id": i} for i in range(4)]
     gold_calls = []

@@ -161,6 +161,11 @@ class PPOConfig(LoraOptions, Checkpointing, Optimization, Common):
     """Responses generated at a time; >= 1."""
     score_batch_size: int = 16
     """Responses scored at a time by each model (policy, reference, DPO model, reward model, critic); >= 1."""
+    rescore_policy: bool = False
+    """Run the policy over the sampled tokens again in the scoring pass, and log how far the sampler's
+    log-probs are from it (sampler_logp_gap). Off: PPO's old log-probs and the entropy are the sampler's own
+    (fp32, the distribution each token was drawn from), one forward less per iteration. The policy is always
+    rescored under bf16 and with top_k / top_p (their sampler logits come from transformers' generate)."""
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -229,16 +234,29 @@ def check_dpo_reference(run_, cfg: PPOConfig, ref, record: dict) -> None:
                          "only the DPO implicit reward against that model: pass it as --ref (or --policy)")
 
 
+def rescore_needed(cfg: PPOConfig, accelerator) -> bool:
+    """Whether the scoring pass runs the policy: asked for, or the sampler's log-probs are not fp32 ones of the
+    full softmax from rto's decode loop (bf16 autocast; top_k / top_p go through transformers' generate)."""
+    return cfg.rescore_policy or accelerator.mixed_precision != "no" or bool(cfg.top_k) or cfg.top_p < 1.0
+
+
 def score_rollout(rollout, texts: list[str], rows: list[dict], group: torch.Tensor, gold_scorer, roles: dict,
                   n_shared: int, cfg: PPOConfig, accelerator, rm_stats) -> Experience:
     """Step 2: every model looks at the sampled tokens once (the shared trunk is kept for the update); the
-    rollout's record is built here, whole: tokens, scores, texts, prompt rows, groups and the gold score."""
+    rollout's record is built here, whole: tokens, scores, texts, prompt rows, groups and the gold score.
+
+    The policy's log-probs pi_old and entropies are the sampler's (rto's decode loop computes them in fp32 from
+    the logits it drew each token from), unless the policy is rescored (see PPOConfig.rescore_policy)."""
+    rescore = rescore_needed(cfg, accelerator)
     scored = score_sequences(
-        rollout.batch, ref=roles["ref"], policy=roles["policy"], dpo=roles["dpo"], critic=roles["critic"],
-        rm=roles["rm"], n_shared=n_shared, temperature=cfg.temperature, chunk=cfg.score_batch_size,
-        autocast=accelerator.autocast, device=accelerator.device, keep_trunk=True, entropy=True,
+        rollout.batch, ref=roles["ref"], policy=roles["policy"] if rescore else None, dpo=roles["dpo"],
+        critic=roles["critic"], rm=roles["rm"], n_shared=n_shared, temperature=cfg.temperature,
+        chunk=cfg.score_batch_size, autocast=accelerator.autocast, device=accelerator.device, keep_trunk=True,
+        entropy=rescore,
     )
     device = accelerator.device
+    if not rescore:  # (score_sequences without a policy gives the reference's log-probs as logp)
+        scored["logp"], scored["entropy"] = rollout.sampler_logp.to(device), rollout.sampler_entropy.to(device)
     batch = rollout.batch.to(device)
     ended = rollout.ended.to(device)
     values = scored["values"] if "values" in scored else torch.zeros_like(scored["logp"])  # no critic: zeros
@@ -460,7 +478,8 @@ def run(cfg: PPOConfig) -> dict:
             "entropy": float(masked_mean(tok.entropy, mask)),
             "kl_per_token": float(masked_mean(tok.logp - tok.logp_ref, mask)),
             # the sampler drew each token from the distribution the scoring pass computes (on-policy check)
-            "sampler_logp_gap": float(masked_mean((rollout.sampler_logp.to(mask.device) - tok.logp).abs(), mask)),
+            **({"sampler_logp_gap": float(masked_mean((rollout.sampler_logp.to(mask.device) - tok.logp).abs(), mask))}
+               if rescore_needed(cfg, accelerator) else {}),
             "tokens_per_s_generate": n_tokens / times["time_generate_s"],
             "tokens_per_s_score": n_tokens / times["time_score_s"],
             "tokens_per_s_update": (n_tokens * cfg.ppo_epochs / times["time_update_s"]
