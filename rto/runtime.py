@@ -80,6 +80,22 @@ def check_report_to(report_to: str) -> str:
     return report_to
 
 
+ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+           "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def check_engine(environ) -> None:
+    """Refuse a launch that asks accelerate for a sharding engine (`accelerate launch` sets these variables from
+    its config's distributed_type): rto's processes are plain data parallel (each holds whole models, gradients
+    averaged in one all-reduce), and a sharding config would otherwise run as that without saying so."""
+    asked = {var: name for var, name in ENGINES.items() if environ.get(var, "false").lower() in ("1", "true", "yes")}
+    if asked:
+        raise ValueError(f"this launch asks for {' and '.join(asked.values())} ({', '.join(asked)} set by the "
+                         "accelerate config); rto runs several processes as data parallel only (every "
+                         "process holds whole models): launch with configs/accelerate/ddp-*.yaml or torchrun, and "
+                         "use --lora true to fit a large policy (docs/scaling.md)")
+
+
 def make_accelerator(precision: str, report_to: str = "none", run_dir: str | Path | None = None):
     """An accelerate.Accelerator with bf16 autocast (fp32 master weights) or plain fp32, logging to the tracker
     `report_to` (TRACKERS; "none": none) once a Run starts it, local files under `run_dir`."""
@@ -88,6 +104,8 @@ def make_accelerator(precision: str, report_to: str = "none", run_dir: str | Pat
 
     AcceleratorState._reset_state()  # stages run one after another in one process (rto pipeline)
     from rto.distributed import is_main, on_cpus
+
+    check_engine(os.environ)
 
     main = is_main()  # the trackers log from process 0 only
     return Accelerator(mixed_precision="bf16" if resolve_precision(precision) == "bf16" else "no", cpu=on_cpus(),

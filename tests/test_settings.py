@@ -212,3 +212,46 @@ def test_generation_budget_of_an_adapter_is_its_base_models(capsys, tmp_path, ti
     err = _one_line(capsys, ["pairs", "--policy", str(adapter), "--max_new_tokens", "100000", "--progress", "false",
                              "--out", str(tmp_path / "p")], "positions")
     assert "512" in err
+
+
+def test_adamw_runs_fused_and_updates_as_the_reference_loop():
+    """Every stage's AdamW is torch's fused kernel on CPU (the per-tensor default loop cost ~1 s a step for
+    135M parameters): the same update as the loop up to fp32 rounding, schedules and param groups unchanged."""
+    from rto.stages.common import Optimization, make_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    grads = [torch.randn_like(p) for p in start]
+    moved, lambdas = {}, None
+    for name in ("rto", "loop"):
+        params = [p.clone().requires_grad_() for p in start]
+        groups = [{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 3e-2}]
+        if name == "rto":
+            opt, sched = make_optimizer(groups, 10, Optimization(warmup_ratio=0.2, weight_decay=0.1))
+            assert opt.defaults["fused"] and all(g["fused"] for g in opt.param_groups)
+            lambdas = sched.lr_lambdas
+        else:  # torch's per-tensor loop, on the same schedule
+            opt = torch.optim.AdamW(groups, betas=tuple(Optimization().betas), weight_decay=0.1, foreach=False)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+        for _ in range(4):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+            sched.step()
+        moved[name] = torch.cat([p.detach().flatten() for p in params])
+    assert not torch.equal(moved["rto"], torch.cat([p.flatten() for p in start]))
+    torch.testing.assert_close(moved["rto"], moved["loop"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_a_sharding_engine_launch_is_refused(capsys, tmp_path, tiny_model, pairs_file, monkeypatch, variable, engine):
+    """`accelerate launch` with an FSDP or DeepSpeed config sets these variables; on CPU accelerate would quietly
+    run plain processes instead, and rto's processes hold whole models: the stage says so before it starts."""
+    monkeypatch.setenv(variable, "true")
+    err = _one_line(capsys, ["dpo", "--model", tiny_model, "--pairs", pairs_file, "--progress", "false",
+                             "--out", str(tmp_path / "d")], engine)
+    assert "ddp" in err and not (tmp_path / "d" / "model").exists()
+    monkeypatch.setenv(variable, "false")  # as accelerate sets it for other configs
+    from rto.runtime import make_accelerator
+
+    assert make_accelerator("fp32").num_processes == 1
