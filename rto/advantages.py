@@ -150,18 +150,20 @@ def reinforce_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tens
 
 
 def reinforce_plus_plus(
-    rewards: Tensor, mask: Tensor, groups: Tensor | None = None, gamma: float = 1.0
+    rewards: Tensor, mask: Tensor, groups: Tensor | None = None, gamma: float = 1.0,
+    moments: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (Hu 2025): return-to-go whitened over the batch, no critic.
 
         G_t = sum_{k >= t} gamma^(k - t) r_k          (reinforce_returns)
         A_t = (G_t - mean(G)) / sqrt(var(G) + eps)    mean and population var over every masked token of the batch
 
-    `groups` is accepted for the registry's common signature and not used. Returns (advantages, G),
-    both [B, T] and 0 outside the mask.
+    `moments(x, mask)` -> (mean, var) takes them over a batch larger than this one (e.g. every process's:
+    rto.distributed.masked_moments); None: over this batch. `groups` is accepted for the registry's common
+    signature and not used. Returns (advantages, G), both [B, T] and 0 outside the mask.
     """
     returns = reinforce_returns(rewards, mask, gamma)
-    return masked_whiten(returns, mask), returns
+    return masked_whiten(returns, mask, moments=moments(returns, mask) if moments else None), returns
 
 
 def response_scores(rewards: Tensor, mask: Tensor) -> Tensor:
@@ -198,7 +200,7 @@ def _require_undiscounted(name: str, gamma: float) -> None:
 
 
 def grpo(
-    rewards: Tensor, mask: Tensor, groups: Tensor, gamma: float = 1.0, eps: float = 1e-6
+    rewards: Tensor, mask: Tensor, groups: Tensor, gamma: float = 1.0, eps: float = 1e-6, moments=None
 ) -> tuple[Tensor, Tensor]:
     """GRPO (Shao et al. 2024), outcome advantages normalised within each group of responses to one prompt:
 
@@ -207,7 +209,8 @@ def grpo(
         A_{i,t} = A_i on every response token of i
 
     `groups` [B] gives each response's group id (see group_sums); every group needs 2 or more responses.
-    gamma must be 1 (it is taken only for the registry's common signature). Returns (advantages, returns)
+    gamma must be 1 and `moments` is not used (both are taken only for the registry's common signature: a group
+    is never split between processes). Returns (advantages, returns)
     with returns_{i,t} = R_i, both [B, T] and 0 outside the mask. No critic.
     """
     _require_undiscounted("grpo", gamma)
@@ -219,7 +222,7 @@ def grpo(
     return _broadcast((scores - mean) / (std + eps), mask), _broadcast(scores, mask)
 
 
-def rloo(rewards: Tensor, mask: Tensor, groups: Tensor, gamma: float = 1.0) -> tuple[Tensor, Tensor]:
+def rloo(rewards: Tensor, mask: Tensor, groups: Tensor, gamma: float = 1.0, moments=None) -> tuple[Tensor, Tensor]:
     """RLOO (Ahmadian et al. 2024), REINFORCE with the leave-one-out mean of the group as baseline:
 
         R_i     = sum_t r_{i,t}                                  (response_scores)
@@ -227,7 +230,8 @@ def rloo(rewards: Tensor, mask: Tensor, groups: Tensor, gamma: float = 1.0) -> t
         A_{i,t} = A_i on every response token of i
 
     `groups` [B] gives each response's group id (see group_sums); every group needs 2 or more responses.
-    gamma must be 1 (it is taken only for the registry's common signature). Returns (advantages, returns)
+    gamma must be 1 and `moments` is not used (both are taken only for the registry's common signature: a group
+    is never split between processes). Returns (advantages, returns)
     with returns_{i,t} = R_i, both [B, T] and 0 outside the mask. No critic.
     """
     _require_undiscounted("rloo", gamma)
@@ -237,7 +241,7 @@ def rloo(rewards: Tensor, mask: Tensor, groups: Tensor, gamma: float = 1.0) -> t
 
 
 # name -> estimator. gae is called as gae(rewards, values, mask, gamma, lam); the critic-free ones as
-# f(rewards, mask, groups=..., gamma=...). All return (advantages, returns), [B, T].
+# f(rewards, mask, groups=..., gamma=..., moments=...). All return (advantages, returns), [B, T].
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "gae": gae, "reinforce++": reinforce_plus_plus, "grpo": grpo, "rloo": rloo}
 USES_CRITIC = frozenset({"gae"})  # the others need no values: PPO then loads no critic

@@ -170,6 +170,14 @@ def test_reinforce_plus_plus_whitens_the_return_to_go():
     # discounted, gamma = 0.5: row 0 G2 = 2, G1 = 0 + 0.5 * 2 = 1, G0 = 1 + 0.5 * 1 = 1.5 ; row 1 [0 + 0.5 * 4, 4]
     _, returns = reinforce_plus_plus(rewards, mask, gamma=0.5)
     close(returns, [[1.5, 1.0, 2.0], [2.0, 4.0, 0.0]])
+    # each row alone (as in two processes), whitened with the moments of both rows: the same advantages;
+    # without them, each row is whitened on its own and they differ
+    both = lambda x, m: (torch.tensor(3.0), torch.tensor(0.8))  # noqa: E731 (mean and var of all five G above)
+    for row in range(2):
+        alone, _ = reinforce_plus_plus(rewards[row : row + 1], mask[row : row + 1], moments=both)
+        close(alone, advantages[row : row + 1])
+        assert not torch.allclose(reinforce_plus_plus(rewards[row : row + 1], mask[row : row + 1])[0],
+                                  advantages[row : row + 1])
 
 
 # Five responses in two groups with ids 5 and 9 (interleaved); scores R = summed token rewards:

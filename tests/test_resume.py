@@ -46,12 +46,14 @@ def stage_args(stage: str, a: dict) -> list[str]:
         data = ["--data" if stage == "sft" else "--pairs", a["pairs"]]
         return [stage, "--model", a["model"], *data, "--batch_size", "4", "--epochs", "2", "--checkpoint_every", "4",
                 *common]
-    reward = ["--reward", "rto", "--dpo_model", a["dpo"]] if stage == "rto" else ["--reward", "sparse"]
-    return ["ppo", *reward, "--policy", a["model"], "--reward_model", a["rm"], "--iterations", "3",
+    reward = ["--reward", "rto", "--dpo_model", a["dpo"]] if stage.startswith("rto") else ["--reward", "sparse"]
+    lora = ["--lora", "true"] if stage == "rto-lora" else []  # the policy an adapter (its checkpoint: the adapter)
+    return ["ppo", *reward, *lora, "--policy", a["model"], "--reward_model", a["rm"], "--iterations", "3",
             "--rollout_size", "8", "--minibatch_size", "4", "--max_new_tokens", "6", "--checkpoint_every", "1", *common]
 
 
-RESULTS = {"sft": ["model"], "rm": ["model"], "dpo": ["model"], "ppo": ["policy", "critic"], "rto": ["policy", "critic"]}
+RESULTS = {"sft": ["model"], "rm": ["model"], "dpo": ["model"], "ppo": ["policy", "critic"], "rto": ["policy", "critic"],
+           "rto-lora": ["policy", "critic"]}
 
 
 def same_results(a: Path, b: Path, stage: str) -> None:
@@ -67,7 +69,7 @@ def same_results(a: Path, b: Path, stage: str) -> None:
     strip = lambda rows: [{k: (str(v) if v != v else v) for k, v in r.items()  # noqa: E731
                            if not k.startswith(("time", "tokens_per_s"))} for r in rows]
     assert strip(read_metrics(a)) == strip(read_metrics(b))
-    if stage in ("ppo", "rto"):
+    if stage in ("ppo", "rto", "rto-lora"):
         assert (a / "rollouts.jsonl").read_text() == (b / "rollouts.jsonl").read_text()
 
 
@@ -79,7 +81,7 @@ def kill(argv: list[str], at: int) -> subprocess.CompletedProcess:
 
 # stage -> metrics row after which it is killed: past a checkpoint, so the resume redoes some steps;
 # rm in its final epoch (its reward statistics then mix remembered and re-encoded batches)
-@pytest.mark.parametrize("stage, at", [("sft", 6), ("rm", 10), ("dpo", 5), ("ppo", 2), ("rto", 2)])
+@pytest.mark.parametrize("stage, at", [("sft", 6), ("rm", 10), ("dpo", 5), ("ppo", 2), ("rto", 2), ("rto-lora", 2)])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, assets, stage, at, capsys):
     argv = stage_args(stage, assets)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -93,6 +95,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, assets, stag
     assert main([*argv, "--out", str(killed)]) == 0  # the same command continues
     assert f"resuming from {last}" in capsys.readouterr().out
     same_results(whole, killed, stage)
+    if stage == "rto-lora":  # the results compared above are the adapter's weights
+        assert list((whole / "policy").glob("adapter_model.safetensors"))
     assert (killed / "DONE").exists() and not list_checkpoints(killed)  # a finished run keeps only its results
 
 

@@ -404,10 +404,9 @@ def run(cfg: PPOConfig) -> dict:
         if cfg.estimator == "gae":
             tok.advantages, tok.returns = gae(tok.rewards, tok.values, mask, cfg.gamma, cfg.lam)
         else:
-            estimate = ADVANTAGE_ESTIMATORS[cfg.estimator]
-            tok.advantages, tok.returns = estimate(tok.rewards, mask, groups=exp.seqs.group, gamma=cfg.gamma)
-        if n_proc > 1 and cfg.estimator == "reinforce++":  # its whitening spans the rollout of every process
-            tok.advantages = masked_whiten(tok.returns, mask, moments=masked_moments(tok.returns, mask))
+            estimate = ADVANTAGE_ESTIMATORS[cfg.estimator]  # (batch statistics span every process's rollout)
+            tok.advantages, tok.returns = estimate(tok.rewards, mask, groups=exp.seqs.group, gamma=cfg.gamma,
+                                                   moments=masked_moments if n_proc > 1 else None)
         if cfg.whiten_advantages and cfg.estimator not in NORMALISED:
             tok.advantages = masked_whiten(tok.advantages, mask,
                                            moments=masked_moments(tok.advantages, mask) if n_proc > 1 else None)
