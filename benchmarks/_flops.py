@@ -39,6 +39,14 @@ class ModelShape:
         return self.hidden * self.vocab
 
 
+def weight_matrices(s: ModelShape) -> list[tuple[int, int]]:
+    """(out, in) of every weight matrix a token row goes through, layer by layer, then the LM head."""
+    kv = s.kv_heads * s.hidden // s.heads
+    layer = [(s.hidden, s.hidden), (kv, s.hidden), (kv, s.hidden), (s.hidden, s.hidden),
+             (s.intermediate, s.hidden), (s.intermediate, s.hidden), (s.hidden, s.intermediate)]
+    return layer * s.layers + [(s.vocab, s.hidden)]
+
+
 SMOLLM2_135M = ModelShape(hidden=576, intermediate=1536, layers=30, vocab=49152, heads=9, kv_heads=3)
 
 
@@ -49,12 +57,13 @@ def generation_flops(s: ModelShape, rollout: int, prompt: float, response: int) 
 
 
 def phase_flops(kind: str, s: ModelShape, rollout: int, prompt: float, response: int, train_layers: int | None,
-                ppo_epochs: int = 1) -> dict[str, float]:
+                ppo_epochs: int = 1, policy_rescored: bool = False) -> dict[str, float]:
     """FLOPs of the generate, score and update phases of one iteration of `kind` (see KINDS).
 
     rollout responses of `response` tokens after prompts of mean length `prompt`; `train_layers` top layers
-    train (None: all, embeddings and the tied LM head included). Scoring roles: rto RTO reads policy,
-    reference and DPO model (LM head on response positions) and reward model and critic (scalar heads); rto
+    train (None: all, embeddings and the tied LM head included). Scoring roles: rto RTO reads reference and
+    DPO model (LM head on response positions) and reward model and critic (scalar heads), and the policy
+    too when `policy_rescored` (rto before its sampler's log-probs were reused, or --rescore_policy); rto
     sparse PPO the same without the DPO model; TRL the reference (LM head on every position; the policy's
     log-probs come from the sampler's logits), the value model and the reward model. The update trains
     policy and critic on every position of the rollout, ppo_epochs times.
@@ -68,7 +77,7 @@ def phase_flops(kind: str, s: ModelShape, rollout: int, prompt: float, response:
     head_coef = 6.0 if k == L else 4.0  # the tied LM head trains only with the embeddings (all layers)
     if kind.startswith("ours"):
         shared = L - k  # the frozen bottom, computed once for every role and kept for the update
-        lm_roles = 3 if kind == "ours_rto" else 2
+        lm_roles = (2 if kind == "ours_rto" else 1) + policy_rescored
         score = 2.0 * pl * seq * (shared + k * (lm_roles + 2)) + 2.0 * ph * resp * lm_roles
         update = 2 * 6.0 * pl * seq * k + head_coef * ph * resp
     else:

@@ -74,9 +74,33 @@ def copy_bandwidth_gbs(mbytes: int = 512, repeats: int = 5) -> float:
     return best
 
 
-def measure_limits(hidden: int, intermediate: int, vocab: int, row_counts: dict[str, int], quick: bool) -> dict:
+def decode_step_floor(weights: list[tuple[int, int]], rows: int, repeats: int = 5) -> dict:
+    """The weight matmuls of one decode step, timed alone: `rows` token rows through every weight matrix of the
+    model in turn, each its own tensor of shape (out, in) as nn.Linear holds it (so each step streams all of
+    them from memory, as a real step does; a rate measured on one matrix reused in cache is far higher).
+    Returns the best step time over `repeats`, the weights' size, and the ceiling rows / time: no decode loop at
+    this batch size can sample more tokens/s in fp32 on this machine, whatever it does besides."""
+    import torch
+    import torch.nn.functional as F
+
+    mats = [torch.randn(out, inp) for out, inp in weights]
+    xs = {inp: torch.randn(rows, inp) for _, inp in weights}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first step warms up
+            start = time.perf_counter()
+            for w in mats:
+                F.linear(xs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - start)
+    return {"rows": rows, "weights_mb": sum(w.numel() for w in mats) * 4 / 2**20, "step_s": best,
+            "ceiling_tokens_per_s": rows / best}
+
+
+def measure_limits(hidden: int, intermediate: int, vocab: int, row_counts: dict[str, int], quick: bool,
+                   decode_weights: list[tuple[int, int]] | None = None) -> dict:
     """fp32 matmul GFLOP/s at every model shape for each row count (e.g. decode 32x1, score 32x80), bf16 ones
-    only on CPUs with native bf16, the copy bandwidth; `peak_fp32_gflops` is the best fp32 rate seen."""
+    only on CPUs with native bf16, the copy bandwidth; `peak_fp32_gflops` is the best fp32 rate seen; with
+    `decode_weights` (every weight matrix's (out, in)), the decode step's floor (decode_step_floor)."""
     import torch
 
     info = cpu_info(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
@@ -100,4 +124,6 @@ def measure_limits(hidden: int, intermediate: int, vocab: int, row_counts: dict[
         "peak_fp32_gflops": max(rates["fp32"].values()),
         "bf16_note": None if bf16 else "bf16 not measured: this CPU has no native bf16 (no avx512_bf16 / amx flags)",
         "copy_bandwidth_gbs": copy_bandwidth_gbs(128 if quick else 512),
+        **({"decode_step_floor": decode_step_floor(decode_weights, row_counts["decode"], 2 if quick else 5)}
+           if decode_weights and "decode" in row_counts else {}),
     }

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._flops import SMOLLM2_135M, mfu, phase_flops
+from benchmarks._flops import SMOLLM2_135M, mfu, phase_flops, weight_matrices
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -314,7 +314,8 @@ def summarize(samples: list[dict], limits: dict | None, args: argparse.Namespace
                                                    for t in timed)
                 entry["sources"] = sorted({json.dumps(s["source"], sort_keys=True) for s in ok if "source" in s})
                 flops = phase_flops(kind.removesuffix("_before"), SMOLLM2_135M, args.rollout_size, prompt_tokens,
-                                    args.max_new_tokens, GROUPS[group], args.ppo_epochs)
+                                    args.max_new_tokens, GROUPS[group], args.ppo_epochs,
+                                    policy_rescored=kind.endswith("_before"))  # the older tree rescored it
                 entry["flops"] = flops
                 if limits:
                     median_s = {p: entry["phase_s"][p]["median"] for p in PHASES}
@@ -363,6 +364,11 @@ def headline(table: dict) -> dict:
     if gen_before:
         flat["generation_tokens_per_s_before"] = statistics.median([t["generate"]["median"] for t in gen_before])
     return {**flat, "spreads": spreads}
+
+
+def generation_ceiling(limits: dict | None) -> float | None:
+    """Tokens/s no fp32 decode loop at the rollout's batch size can pass here: rows / the step's matmul floor."""
+    return ((limits or {}).get("decode_step_floor") or {}).get("ceiling_tokens_per_s")
 
 
 def acceptance(flat: dict) -> dict:
@@ -465,6 +471,7 @@ def write_results(args: argparse.Namespace, store: Path, limits_path: Path, prom
     trl = next((s for s in samples if s["contender"] == "trl_ppo" and s.get("versions")), None)
     result = {
         **flat,
+        "generation_ceiling_tokens_per_s": generation_ceiling(limits),
         "acceptance": acceptance(flat),
         "command": command,
         "commands": sorted({r["command"] for r in rows if "command" in r}, key=lambda c: c),
@@ -515,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = {"decode": args.rollout_size, "score": args.rollout_size * seq, "update": args.minibatch_size * seq}
         print(f"measuring the machine's limits (matmul rows {rows})", flush=True)
         s = SMOLLM2_135M
-        limits_path.write_text(json.dumps(measure_limits(s.hidden, s.intermediate, s.vocab, rows, args.quick), indent=1))
+        limits_path.write_text(json.dumps(measure_limits(s.hidden, s.intermediate, s.vocab, rows, args.quick,
+                                                         weight_matrices(s)), indent=1))
         append_store(store, {"type": "limits", "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                            time.gmtime())})
     groups = args.groups if args.only is None else [args.only] if args.only in GROUPS else []

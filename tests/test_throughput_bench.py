@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks import throughput as tb
-from benchmarks._flops import SMOLLM2_135M, ModelShape, generation_flops, mfu, phase_flops
-from benchmarks._machine import cpu_info, matmul_shapes, native_bf16
+from benchmarks._flops import SMOLLM2_135M, ModelShape, generation_flops, mfu, phase_flops, weight_matrices
+from benchmarks._machine import cpu_info, decode_step_floor, matmul_shapes, native_bf16
 
 # hidden 4, intermediate 8, 2 layers, vocab 10, 2 heads of 2, 1 KV head:
 # a layer has q, o 4x4 (32), k, v 4x2 (16), MLP 3 x 4x8 (96) = 144 weights; the LM head 4x10 = 40
@@ -23,6 +23,16 @@ def test_parameter_counts():
     assert SMOLLM2_135M.layer_params * 30 + SMOLLM2_135M.head_params == 134_479_872
 
 
+def test_decode_step_floor_streams_every_weight_matrix():
+    weights = weight_matrices(SMOLLM2_135M)
+    assert len(weights) == 7 * 30 + 1 and weights[-1] == (49152, 576)
+    assert sum(o * i for o, i in weights) == SMOLLM2_135M.layer_params * 30 + SMOLLM2_135M.head_params
+    tiny = ModelShape(hidden=16, intermediate=32, layers=2, vocab=64, heads=4, kv_heads=2)
+    floor = decode_step_floor(weight_matrices(tiny), rows=4, repeats=2)
+    assert floor["weights_mb"] == pytest.approx(sum(o * i for o, i in weight_matrices(tiny)) * 4 / 2**20)
+    assert floor["step_s"] > 0 and floor["ceiling_tokens_per_s"] == pytest.approx(4 / floor["step_s"])
+
+
 def test_generation_flops_by_hand():
     # 2 prompts of 3 tokens, 2 new tokens: 4 positions through 2 layers, LM head at 2 positions, per sequence
     assert generation_flops(TINY, rollout=2, prompt=3, response=2) == 2 * 2 * (144 * 2 * 4 + 40 * 2)
@@ -31,13 +41,16 @@ def test_generation_flops_by_hand():
 def test_phase_flops_by_hand():
     # rollout 2 x (3 + 2) tokens = 10 rows, 4 response rows; top 1 of 2 layers trains (1 shared frozen layer)
     rto = phase_flops("ours_rto", TINY, 2, 3, 2, train_layers=1)
-    assert rto["score"] == 2 * 144 * 10 * (1 + 1 * 5) + 2 * 40 * 4 * 3  # trunk once, 5 roles' top layer, 3 LM heads
+    # trunk once, 4 roles' top layer (reference, DPO, RM, critic), 2 LM heads: the policy's log-probs are the sampler's
+    assert rto["score"] == 2 * 144 * 10 * (1 + 1 * 4) + 2 * 40 * 4 * 2
+    rescored = phase_flops("ours_rto", TINY, 2, 3, 2, train_layers=1, policy_rescored=True)
+    assert rescored["score"] == 2 * 144 * 10 * (1 + 1 * 5) + 2 * 40 * 4 * 3  # and the policy's top layer and head
     assert rto["update"] == 2 * 6 * 144 * 10 + 4 * 40 * 4  # policy + critic top layer; frozen tied head crossed
     trl = phase_flops("trl_ppo", TINY, 2, 3, 2, train_layers=1)
     assert trl["score"] == 2 * 144 * 10 * 2 * 3 + 2 * 40 * 10  # 3 full stacks, reference head on every row
     assert trl["update"] == 2 * (2 * 144 * 10 + 6 * 144 * 10) + 4 * 40 * 10
     full = phase_flops("ours_ppo", TINY, 2, 3, 2, train_layers=None, ppo_epochs=2)
-    assert full["score"] == 2 * 144 * 10 * 2 * 4 + 2 * 40 * 4 * 2  # 4 roles, full stacks, 2 LM heads
+    assert full["score"] == 2 * 144 * 10 * 2 * 3 + 2 * 40 * 4 * 1  # 3 roles (reference, RM, critic), 1 LM head
     assert full["update"] == 2 * (2 * 6 * 144 * 10 * 2 + 6 * 40 * 4)  # head trains with the embeddings; 2 epochs
     assert rto["generate"] == trl["generate"] == full["generate"]
     with pytest.raises(ValueError, match="kind"):
