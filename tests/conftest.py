@@ -43,9 +43,9 @@ def pairs_file(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def reward_model(tiny_model, tmp_path_factory) -> str:
-    """The tiny model with a random scalar head, so responses get different scores."""
+def make_reward_model(tiny_model: str, folder, mean: float = 0.0, std: float = 1.0) -> str:
+    """The tiny model with a seeded random scalar head (responses get different scores) and reward statistics
+    (mean, std), saved in `folder`."""
     import torch
 
     from rto.models import ValueModel, load_tokenizer
@@ -54,8 +54,12 @@ def reward_model(tiny_model, tmp_path_factory) -> str:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=gen) * 0.5)
-    rm.meta = {"reward_mean": 0.0, "reward_std": 1.0}
-    folder = tmp_path_factory.mktemp("rm") / "model"
+    rm.meta = {"reward_mean": mean, "reward_std": std}
     rm.save_pretrained(folder)
     load_tokenizer(tiny_model).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def reward_model(tiny_model, tmp_path_factory) -> str:
+    return make_reward_model(tiny_model, tmp_path_factory.mktemp("rm") / "model")

@@ -19,22 +19,15 @@ from rto.models import ValueModel, load_causal_lm, load_tokenizer
 from rto.rewards import adaptive_kl_coef
 from rto.rollout import Rollout
 from rto.sequences import collate
+from tests.conftest import make_reward_model
 
 RM_MEAN, RM_STD = 0.1, 2.0
 
 
 @pytest.fixture(scope="module")
 def reward_model(tiny_model, tmp_path_factory) -> str:
-    """The tiny model with a random scalar head (scores differ between responses) and reward statistics."""
-    rm = ValueModel.from_pretrained(tiny_model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=gen) * 0.5)
-    rm.meta = {"reward_mean": RM_MEAN, "reward_std": RM_STD}
-    folder = tmp_path_factory.mktemp("rm") / "model"
-    rm.save_pretrained(folder)
-    load_tokenizer(tiny_model).save_pretrained(folder)
-    return str(folder)
+    """The tiny model with a random scalar head and reward statistics RM_MEAN, RM_STD."""
+    return make_reward_model(tiny_model, tmp_path_factory.mktemp("rm") / "model", RM_MEAN, RM_STD)
 
 
 class Spy:
