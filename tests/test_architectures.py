@@ -176,3 +176,35 @@ def test_probe_batch_layout():
     assert b.input_ids.tolist() == [[5, 6, 7, 5, 6, 7, 5, 6], [0, 0, 8, 8, 8, 8, 8, 8]]
     assert b.response_mask.tolist() == [[1] * 5, [1] * 5]
     assert probe_batch([[4, 5]], pad_id=0, response_tokens=3).input_ids.tolist() == [[4, 5, 4, 5, 4]]
+
+
+def test_shared_trunk_weights_are_held_once_and_compute_the_same():
+    """share_trunk_weights points each role's frozen embeddings and bottom layers at the first role's tensors
+    (a tied output layer follows its embeddings); nothing any role computes changes; a trunk tensor that
+    requires gradients (an inference-only load) leaves every model its own copy."""
+    tied = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, tie_word_embeddings=True)).eval()
+    policy, ref, critic = tied, copy.deepcopy(tied), critic_of(tied)
+    with torch.no_grad():  # the top layers differ between roles, as after training
+        for p in critic.lm.model.layers[2:].parameters():
+            p.add_(0.1)
+    for m in (policy, critic):
+        set_trainable(m, 2)
+    ref.requires_grad_(False)
+    b = batch()
+    before = [token_logprobs(policy, b), token_logprobs(ref, b), token_values(critic, b)]
+    trunk_bytes = sum(p.numel() * 4 for p in [*tied.model.embed_tokens.parameters(),
+                                             *tied.model.layers[:2].parameters()])
+    assert rto_trunk.share_trunk_weights([ref, policy, critic], 2) == 2 * trunk_bytes
+    for m in (policy, critic):
+        lm = m.lm if isinstance(m, ValueModel) else m
+        assert lm.model.embed_tokens.weight is ref.model.embed_tokens.weight
+        assert lm.lm_head.weight is ref.model.embed_tokens.weight  # still tied
+        for mine, theirs in zip(lm.model.layers[:2].parameters(), ref.model.layers[:2].parameters()):
+            assert mine is theirs
+        assert all(a is not b for a, b in zip(lm.model.layers[2:].parameters(), ref.model.layers[2:].parameters()))
+    after = [token_logprobs(policy, b), token_logprobs(ref, b), token_values(critic, b)]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    one, other = make("llama").requires_grad_(False), make("llama").requires_grad_(False)
+    other.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    assert rto_trunk.share_trunk_weights([one, other], 2) == 0
+    assert all(a is not b for a, b in zip(one.parameters(), other.parameters()))

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from rto.decoding import draw_tokens, row_generators, sample, shared_prefix_length
+import rto.decoding
+from rto.decoding import PreallocatedLayer, draw_tokens, row_generators, sample, shared_prefix_length
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rto.rollout import _generate_transformers, encode_prompts, eos_ids, generate
 from rto.sequences import entropy_from_logits, response_logits, token_logprobs
@@ -143,6 +144,39 @@ def test_a_row_draws_the_same_tokens_alone(tiny):
         assert together[i] == alone[0] and ended[i] == alone_ended[0]
         cut = next((k + 1 for k, t in enumerate(free[i]) if t in stop), len(free[i]))
         assert together[i] == free[i][:cut]  # cut after its first EOS, the tokens before it unchanged
+
+
+def test_the_preallocated_cache_layer_holds_what_concatenation_holds():
+    """Appends of 1-3 positions past its capacity (it grows), and rows dropped and repeated (reorder_cache)."""
+    from transformers.cache_utils import DynamicLayer
+
+    ours, theirs = PreallocatedLayer(capacity=4), DynamicLayer()
+    gen = torch.Generator().manual_seed(0)
+    for step, width in enumerate((3, 1, 2, 1, 3)):
+        k, v = (torch.randn(3, 2, width, 8, generator=gen) for _ in range(2))
+        got, want = ours.update(k, v), theirs.update(k, v)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        if step == 2:  # rows leave and repeat between steps, as the decode loop moves them
+            for layer in (ours, theirs):
+                layer.reorder_cache(torch.tensor([2, 0, 0]))
+    assert ours.get_seq_length() == theirs.get_seq_length() == 10
+    assert ours.key_buffer.shape[-2] == 16  # outgrew 4, then 8
+
+
+def test_the_preallocated_cache_samples_what_a_growing_cache_samples(tiny, monkeypatch):
+    """The decode loop on PreallocatedLayers gives the same tokens, log-probs and entropies, bit for bit, as on
+    transformers' concatenating DynamicCache, with a shared prefix, a repeated prompt and rows ending early."""
+    model, tokenizer = tiny
+    prompts, seeds = _prompts(tokenizer), [21, 22, 23, 24, 25]
+    free, *_ = sample(model, prompts, max_new_tokens=10, eos_ids=set(), pad_id=tokenizer.pad_token_id, seeds=seeds)
+    stop = {free[0][2], free[4][5]}
+    kw = dict(max_new_tokens=10, eos_ids=stop, pad_id=tokenizer.pad_token_id, seeds=seeds)
+    ours = sample(model, prompts, **kw)
+    monkeypatch.setattr(rto.decoding, "new_cache", lambda config, capacity: rto.decoding.DynamicCache(config=config))
+    theirs = sample(model, prompts, **kw)
+    assert any(ours[1]) and not all(ours[1])  # some rows ended early, some ran to the budget
+    assert ours[:4] == theirs[:4]
 
 
 def test_batching_and_order_do_not_change_a_seeded_rollout(tiny):

@@ -227,7 +227,9 @@ def test_adaptive_kl_follows_the_controller(tiny_model, reward_model, tmp_path):
     rows_ = result.metrics
     assert [r["iteration"] for r in rows_] == [1, 2, 3]
     assert rows_[0]["kl_coef"] == 0.5
-    assert rows_[0]["kl"] == 0.0  # policy == reference on the first rollout
+    # policy == reference on the first rollout: 0 up to float rounding (the sampler's log-probs against the
+    # scoring pass's, which runs the reference on the sampler's trunk states)
+    assert abs(rows_[0]["kl"]) < 1e-5
     for prev, row in zip(rows_, rows_[1:]):
         predicted = adaptive_kl_coef(prev["kl_coef"], prev["kl"], 0.05, 8, 4)
         assert row["kl_coef"] == pytest.approx(predicted, rel=1e-12)

@@ -19,7 +19,7 @@ from rto.config import ConfigError, check_fields
 from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences
 from rto.models import check_tokenizers, load_tokenizer
-from rto.trunk import checked_trunk_layers
+from rto.trunk import checked_trunk_layers, share_trunk_weights
 from rto.rollout import encode_prompts, encode_response
 from rto.runtime import (NonFiniteError, Run, check_report_to, folder_state, make_accelerator, resolve_precision,
                          seed_everything)
@@ -203,11 +203,21 @@ def backward_and_clip(accelerator, loss: torch.Tensor, param_sets: list[list], m
     """Backward pass, gradients averaged over processes (rto.distributed; nothing with one process), then clip
     each parameter set to `max_norm`; returns their norms before clipping. A NaN/inf loss is not backpropagated
     and gives NaN norms (in every process when one of them met it): the update goes ahead only if all are finite."""
-    from rto.distributed import average_gradients, world
+    return clip_gradients(param_sets, max_norm, backward(accelerator, loss))
 
+
+def backward(accelerator, loss: torch.Tensor) -> bool:
+    """Backpropagate `loss` unless it is NaN/inf; returns whether it was finite (for clip_gradients)."""
     ok = finite(loss.detach())
     if ok:
         accelerator.backward(loss)
+    return ok
+
+
+def clip_gradients(param_sets: list[list], max_norm: float, ok: bool) -> list[float]:
+    """The second half of backward_and_clip, after one or more `backward` calls (`ok`: all their losses finite)."""
+    from rto.distributed import average_gradients, world
+
     if world()[1] > 1:
         average_gradients([p for params in param_sets for p in params], poison=not ok)
     elif not ok:
@@ -270,11 +280,14 @@ def shared_trunk_layers(models: list, train_layers: int | None, probe: SeqBatch,
     """How many bottom layers every role can share, proven on `probe` (e.g. rto.sequences.probe_batch of the
     run's first prompts); 0 when nothing is frozen or sharing would change a result, with the reason passed to
     `note` (e.g. run.note): each role then runs its full stack. A count > 0 is noted too, in one line (how many
-    layers, for how many roles), so a run's log says whether it shared. See rto.trunk.checked_trunk_layers."""
+    layers, for how many roles), so a run's log says whether it shared; the roles then hold one copy of the trunk's
+    weights (rto.trunk.share_trunk_weights). See rto.trunk.checked_trunk_layers."""
     n = checked_trunk_layers(models, train_layers, probe, note)
     if n:
+        freed = share_trunk_weights(models, n)
         note(f"trunk sharing on: embeddings and bottom {n} layers computed once per batch (frozen, no gradients), "
-             f"then the top {train_layers} layers of each role ({len(models)} role{'s' if len(models) > 1 else ''})")
+             f"then the top {train_layers} layers of each role ({len(models)} role{'s' if len(models) > 1 else ''})"
+             + (f"; the trunk's weights are held once ({freed / 2**20:.0f} MB not held again)" if freed else ""))
     return n
 
 

@@ -39,7 +39,7 @@ from rto.rewards import (REWARD_SOURCES, adaptive_kl_coef, check_sources, compos
 from rto.rollout import decode_responses, generate, off_policy_warning, score_sequences
 from rto.runtime import keep_rows, timed
 from rto.sequences import critic_values, probe_batch, token_logprobs, token_values
-from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, backward_and_clip,
+from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, backward, clip_gradients,
                                check_token_budget, drop_long_prompts, finite, frozen, make_optimizer, param_groups,
                                role_tokenizer, shared_trunk_layers, start)
 from rto.tasks import get_task, prompts_and_rows
@@ -164,8 +164,10 @@ class PPOConfig(LoraOptions, Checkpointing, Optimization, Common):
     rescore_policy: bool = False
     """Run the policy over the sampled tokens again in the scoring pass, and log how far the sampler's
     log-probs are from it (sampler_logp_gap). Off: PPO's old log-probs and the entropy are the sampler's own
-    (fp32, the distribution each token was drawn from), one forward less per iteration. The policy is always
-    rescored under bf16 and with top_k / top_p (their sampler logits come from transformers' generate)."""
+    (fp32, the distribution each token was drawn from), one forward less per iteration, and with a shared trunk
+    (train_layers) so are the trunk's hidden states (the sampler computed them; the scoring pass does not
+    recompute them). The policy is always rescored under bf16 and with top_k / top_p (their sampler logits come
+    from transformers' generate)."""
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -245,14 +247,15 @@ def score_rollout(rollout, texts: list[str], rows: list[dict], group: torch.Tens
     """Step 2: every model looks at the sampled tokens once (the shared trunk is kept for the update); the
     rollout's record is built here, whole: tokens, scores, texts, prompt rows, groups and the gold score.
 
-    The policy's log-probs pi_old and entropies are the sampler's (rto's decode loop computes them in fp32 from
-    the logits it drew each token from), unless the policy is rescored (see PPOConfig.rescore_policy)."""
+    The policy's log-probs pi_old and entropies, and the shared trunk's states, are the sampler's (rto's decode
+    loop computes them in fp32 from the logits it drew each token from), unless the policy is rescored (see
+    PPOConfig.rescore_policy)."""
     rescore = rescore_needed(cfg, accelerator)
     scored = score_sequences(
         rollout.batch, ref=roles["ref"], policy=roles["policy"] if rescore else None, dpo=roles["dpo"],
         critic=roles["critic"], rm=roles["rm"], n_shared=n_shared, temperature=cfg.temperature,
         chunk=cfg.score_batch_size, autocast=accelerator.autocast, device=accelerator.device, keep_trunk=True,
-        entropy=rescore,
+        entropy=rescore, trunk=rollout.trunk,
     )
     device = accelerator.device
     if not rescore:  # (score_sequences without a policy gives the reference's log-probs as logp)
@@ -365,6 +368,7 @@ def run(cfg: PPOConfig) -> dict:
     if run_.writer:
         keep_rows(run_.dir / "rollouts.jsonl", lambda row: row["iteration"] <= done)
     pure = not cfg.top_k and cfg.top_p >= 1.0  # pure sampling takes per-response seeds (rollout.generate)
+    rescore = rescore_needed(cfg, accelerator)  # else the sampler's log-probs, entropies and trunk states are used
 
     for it in tqdm(range(done + 1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter",
                    initial=done, total=cfg.iterations, disable=not cfg.progress):
@@ -382,7 +386,8 @@ def run(cfg: PPOConfig) -> dict:
             rollout = generate(policy, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                batch_size=cfg.generation_batch_size, autocast=accelerator.autocast, desc="rollout",
-                               progress=cfg.progress, return_logprobs=True, seeds=seeds)
+                               progress=cfg.progress, return_logprobs=True, seeds=seeds,
+                               trunk_layers=0 if rescore else n_shared)
 
         # 2. scoring (and the gold score, logged only)
         with timed(times, "time_score_s"):
@@ -428,21 +433,25 @@ def run(cfg: PPOConfig) -> dict:
             for _ in range(cfg.ppo_epochs if not bad else 0):
                 for mb in exp.minibatches(cfg.minibatch_size // n_proc, gen):
                     b, m = mb.batch, mb.batch.response_mask
+                    weight = 1.0
+                    if n_proc > 1:  # this process's share of the minibatch's tokens (token_mean) or responses
+                        units = float(m.sum()) if cfg.loss_agg == "token_mean" else float(len(m))
+                        weight = share_weight(units, float(all_sum(units)))
+                    # separate parameters: each loss reaches its own model, so each is backpropagated as soon as it
+                    # is computed (the policy's activations are freed before the critic's forward); both models
+                    # step only if both losses and all gradients are finite
                     with accelerator.autocast():
                         logp = token_logprobs(policy, b, mb.trunk, n_shared, cfg.temperature)
                         pg_loss, pg_stats = policy_loss(logp, mb.tokens.logp, mb.tokens.advantages, m, cfg.clip,
                                                         cfg.loss_agg)
-                        if critic is not None:
+                    ok = backward(accelerator, pg_loss * weight)
+                    if critic is not None:
+                        with accelerator.autocast():
                             values = critic_values(token_values(critic, b, mb.trunk, n_shared), b)
                             vf_loss, vf_stats = value_loss(values, mb.tokens.values, mb.tokens.returns, m,
                                                            cfg.value_clip, cfg.loss_agg)
-                    # separate parameters: each loss reaches its own model
-                    loss = pg_loss if critic is None else pg_loss + vf_loss
-                    if n_proc > 1:  # this process's share of the minibatch's tokens (token_mean) or responses
-                        units = float(m.sum()) if cfg.loss_agg == "token_mean" else float(len(m))
-                        loss = loss * share_weight(units, float(all_sum(units)))
-                    grad_norms = backward_and_clip(accelerator, loss, [params for params, _, _ in trained.values()],
-                                                   cfg.max_grad_norm)
+                        ok = backward(accelerator, vf_loss * weight) and ok
+                    grad_norms = clip_gradients([params for params, _, _ in trained.values()], cfg.max_grad_norm, ok)
                     if all(math.isfinite(norm) for norm in grad_norms):
                         for _, opt, _ in trained.values():
                             opt.step()
@@ -478,7 +487,7 @@ def run(cfg: PPOConfig) -> dict:
             "kl_per_token": float(masked_mean(tok.logp - tok.logp_ref, mask)),
             # the sampler drew each token from the distribution the scoring pass computes (on-policy check)
             **({"sampler_logp_gap": float(masked_mean((rollout.sampler_logp.to(mask.device) - tok.logp).abs(), mask))}
-               if rescore_needed(cfg, accelerator) else {}),
+               if rescore else {}),
             "tokens_per_s_generate": n_tokens / times["time_generate_s"],
             "tokens_per_s_score": n_tokens / times["time_score_s"],
             "tokens_per_s_update": (n_tokens * cfg.ppo_epochs / times["time_update_s"]
