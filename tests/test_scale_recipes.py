@@ -330,12 +330,20 @@ def swap(value, paths: dict[str, str]):
     return value
 
 
-def tiny_recipe(name: str, tmp_path: Path, lora: bool) -> tuple[Path, Path]:
-    """The recipe with its models swapped for tiny ones, its sizes for ONE_STEP's and its run folder in tmp_path."""
+def tiny_recipe(name: str, tmp_path: Path, lora: bool, models: Path | None = None) -> tuple[Path, Path]:
+    """The recipe with its models swapped for tiny ones, its sizes for ONE_STEP's and its run folder in tmp_path.
+    The tiny models are made in `models` (default tmp_path / "models"); one already made there is reused (make_tiny
+    is seeded: the same architecture gives the same model)."""
     recipe = load_recipe(recipe_path(name))
     recipe = recipe if lora else without_lora(recipe)
     used = [real for real in ARCHITECTURES if real in json.dumps(recipe["stages"])]
-    recipe = swap(recipe, {real: make_tiny(real, tmp_path / "models" / real.replace("/", "--")) for real in used})
+    models = models or tmp_path / "models"
+
+    def tiny(real: str) -> str:
+        folder = models / real.replace("/", "--")
+        return str(folder) if (folder / "config.json").exists() else make_tiny(real, folder)
+
+    recipe = swap(recipe, {real: tiny(real) for real in used})
     recipe["out"] = str(tmp_path / "run")
     recipe["defaults"]["max_prompt_tokens"] = 64
     for entry in recipe["stages"]:
@@ -345,12 +353,18 @@ def tiny_recipe(name: str, tmp_path: Path, lora: bool) -> tuple[Path, Path]:
     return path, tmp_path / "run"
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    """One folder for the tiny models of every parametrisation below: each architecture is made and saved once."""
+    return tmp_path_factory.mktemp("tiny-architectures")
+
+
 @pytest.mark.parametrize("name", RECIPES)
-def test_one_step_of_every_stage_on_tiny_models(name, lora, tmp_path, monkeypatch):
+def test_one_step_of_every_stage_on_tiny_models(name, lora, tmp_path, monkeypatch, tiny_models):
     from rto.runtime import read_metrics
 
     prepare_data(tmp_path, monkeypatch)  # data/ultrafeedback/*.jsonl, where the recipe reads them
-    path, run_dir = tiny_recipe(name, tmp_path, lora)
+    path, run_dir = tiny_recipe(name, tmp_path, lora, tiny_models)
     run(PipelineConfig(recipe=str(path), progress=False))
     for stage in ("rm", "dpo"):
         assert [row["step"] for row in read_metrics(run_dir / stage)] == [1], stage
