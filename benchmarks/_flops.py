@@ -57,7 +57,8 @@ def generation_flops(s: ModelShape, rollout: int, prompt: float, response: int) 
 
 
 def phase_flops(kind: str, s: ModelShape, rollout: int, prompt: float, response: int, train_layers: int | None,
-                ppo_epochs: int = 1, policy_rescored: bool = False) -> dict[str, float]:
+                ppo_epochs: int = 1, policy_rescored: bool = False, trunk_from_sampler: bool = False
+                ) -> dict[str, float]:
     """FLOPs of the generate, score and update phases of one iteration of `kind` (see KINDS).
 
     rollout responses of `response` tokens after prompts of mean length `prompt`; `train_layers` top layers
@@ -66,7 +67,9 @@ def phase_flops(kind: str, s: ModelShape, rollout: int, prompt: float, response:
     too when `policy_rescored` (rto before its sampler's log-probs were reused, or --rescore_policy); rto
     sparse PPO the same without the DPO model; TRL the reference (LM head on every position; the policy's
     log-probs come from the sampler's logits), the value model and the reward model. The update trains
-    policy and critic on every position of the rollout, ppo_epochs times.
+    policy and critic on every position of the rollout, ppo_epochs times. With `trunk_from_sampler` (rto since
+    the sampler keeps the shared trunk's states) scoring runs no trunk, and generation runs the frozen bottom
+    once more for each response's last token.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -75,15 +78,18 @@ def phase_flops(kind: str, s: ModelShape, rollout: int, prompt: float, response:
     seq = rollout * (prompt + response)  # token rows of the whole rollout
     resp = rollout * response
     head_coef = 6.0 if k == L else 4.0  # the tied LM head trains only with the embeddings (all layers)
+    generate = generation_flops(s, rollout, prompt, response)
     if kind.startswith("ours"):
         shared = L - k  # the frozen bottom, computed once for every role and kept for the update
         lm_roles = (2 if kind == "ours_rto" else 1) + policy_rescored
-        score = 2.0 * pl * seq * (shared + k * (lm_roles + 2)) + 2.0 * ph * resp * lm_roles
+        trunk = 0 if trunk_from_sampler else shared
+        generate += 2.0 * pl * rollout * shared if trunk_from_sampler else 0.0
+        score = 2.0 * pl * seq * (trunk + k * (lm_roles + 2)) + 2.0 * ph * resp * lm_roles
         update = 2 * 6.0 * pl * seq * k + head_coef * ph * resp
     else:
         score = 2.0 * pl * seq * L * 3 + 2.0 * ph * seq
         update = 2 * (2.0 * pl * seq * (L - k) + 6.0 * pl * seq * k) + head_coef * ph * seq
-    return {"generate": generation_flops(s, rollout, prompt, response), "score": score, "update": update * ppo_epochs}
+    return {"generate": generate, "score": score, "update": update * ppo_epochs}
 
 
 def mfu(flops: dict[str, float], seconds: dict[str, float], peak_gflops: float) -> dict[str, float]:

@@ -315,7 +315,8 @@ def summarize(samples: list[dict], limits: dict | None, args: argparse.Namespace
                 entry["sources"] = sorted({json.dumps(s["source"], sort_keys=True) for s in ok if "source" in s})
                 flops = phase_flops(kind.removesuffix("_before"), SMOLLM2_135M, args.rollout_size, prompt_tokens,
                                     args.max_new_tokens, GROUPS[group], args.ppo_epochs,
-                                    policy_rescored=kind.endswith("_before"))  # the older tree rescored it
+                                    policy_rescored=kind.endswith("_before"),  # the older tree rescored it,
+                                    trunk_from_sampler=kind in ("ours_rto", "ours_ppo"))  # and ran the trunk
                 entry["flops"] = flops
                 if limits:
                     median_s = {p: entry["phase_s"][p]["median"] for p in PHASES}

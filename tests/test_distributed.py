@@ -144,6 +144,17 @@ def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedPr
                                        (proc.logs / "stderr").read_text())
 
 
+def side_by_side(procs: dict) -> dict:
+    """Wait for independent runs started together (`start`); any still running when one fails is killed."""
+    try:
+        return {name: finish(proc) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def launch(processes: int, *args: str, logs: Path, script: list[str] | None = None, timeout: int = 600):
     """`rto ARGS` (or `python SCRIPT ARGS`) on `processes` processes through torchrun (gloo on CPU)."""
     return finish(start(processes, *args, logs=logs, script=script), timeout)
@@ -190,15 +201,8 @@ def _within_a_hundredth_of_training(start: dict, one: dict, two: dict) -> tuple[
 def runs(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("distributed")
     folders = {n: tmp / f"p{n}" for n in (1, 2)}
-    procs = {n: start(n, "pipeline", str(_recipe(tmp, tiny_model, folders[n])), logs=tmp / f"logs{n}")
-             for n in (1, 2)}  # independent runs: side by side
-    try:
-        done = {n: finish(procs[n]) for n in (1, 2)}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    done = side_by_side({n: start(n, "pipeline", str(_recipe(tmp, tiny_model, folders[n])), logs=tmp / f"logs{n}")
+                         for n in (1, 2)})
     for n in (1, 2):
         assert done[n].returncode == 0, done[n].stderr[-3000:]
     return {n: (folders[n], done[n]) for n in (1, 2)}
@@ -282,14 +286,7 @@ def test_lora_on_two_processes_trains_the_adapter_one_process_trains(runs, tiny_
     rm = str(runs[1][0] / "rm" / "model")
     args = lambda out: [*_ppo_args(tiny_model, rm, out), "--lora", "true", "--iterations", "2",  # noqa: E731
                         "--minibatch_size", "8", "--actor_lr", "1e-2"]
-    procs = {n: start(n, *args(tmp_path / f"lora{n}"), logs=tmp_path / f"logs{n}") for n in (1, 2)}  # side by side
-    try:
-        done = {n: finish(procs[n]) for n in (1, 2)}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    done = side_by_side({n: start(n, *args(tmp_path / f"lora{n}"), logs=tmp_path / f"logs{n}") for n in (1, 2)})
     for n in (1, 2):
         assert done[n].returncode == 0, done[n].stderr[-3000:]
     one, two = (load_file(str(tmp_path / f"lora{n}" / "policy" / "adapter_model.safetensors")) for n in (1, 2))

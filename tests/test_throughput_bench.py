@@ -45,6 +45,10 @@ def test_phase_flops_by_hand():
     rescored = phase_flops("ours_rto", TINY, 2, 3, 2, train_layers=1, policy_rescored=True)
     assert rescored["score"] == 2 * 144 * 10 * (1 + 1 * 5) + 2 * 40 * 4 * 3  # and the policy's top layer and head
     assert rto["update"] == 2 * 6 * 144 * 10 + 4 * 40 * 4  # policy + critic top layer; frozen tied head crossed
+    kept = phase_flops("ours_rto", TINY, 2, 3, 2, train_layers=1, trunk_from_sampler=True)
+    assert kept["score"] == 2 * 144 * 10 * (1 * 4) + 2 * 40 * 4 * 2  # no trunk pass: the sampler's states
+    assert kept["generate"] == rto["generate"] + 2 * 144 * 2 * 1  # each response's last token, bottom layer only
+    assert kept["update"] == rto["update"]
     trl = phase_flops("trl_ppo", TINY, 2, 3, 2, train_layers=1)
     assert trl["score"] == 2 * 144 * 10 * 2 * 3 + 2 * 40 * 10  # 3 full stacks, reference head on every row
     assert trl["update"] == 2 * (2 * 144 * 10 + 6 * 144 * 10) + 4 * 40 * 10
