@@ -212,6 +212,13 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
         mask, positions, hidden = mask[source], positions[source], hidden[source]
         active = list(range(len(prompts)))  # the original index of each row still in the batch
         eos = torch.tensor(sorted(eos_ids), device=device)
+
+        def leave(done: torch.Tensor, *rows: torch.Tensor):
+            """Drop the rows that drew EOS from the cache, `active` and `rows` (each indexed by batch row)."""
+            keep = (~done).nonzero().flatten()
+            cache.reorder_cache(keep)
+            return [active[k] for k in keep.tolist()], *(r[keep] for r in rows)
+
         for step in range(max_new_tokens):
             drawn, logp, entropy = draw_tokens(lm_logits(model, hidden), temperature, greedy,
                                                None if greedy else [generators[i] for i in active])
@@ -225,10 +232,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
             if last and record is None:
                 break
             if bool(done.any()) and record is None:  # finished rows leave now (with a record: after their EOS is fed)
-                keep = (~done).nonzero().flatten()
-                cache.reorder_cache(keep)
-                active = [active[k] for k in keep.tolist()]
-                drawn, mask, positions = drawn[keep], mask[keep], positions[keep]
+                active, drawn, mask, positions = leave(done, drawn, mask, positions)
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], 1)
             with run():
                 if last:  # feed every row's last token to the bottom layers alone: the trunk state after it
@@ -242,10 +246,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
                 if last:
                     break
                 if bool(done.any()):
-                    keep = (~done).nonzero().flatten()
-                    cache.reorder_cache(keep)
-                    active = [active[k] for k in keep.tolist()]
-                    hidden, mask, positions = hidden[keep], mask[keep], positions[keep]
+                    active, hidden, mask, positions = leave(done, hidden, mask, positions)
     finally:
         if record is not None:
             record.remove()
