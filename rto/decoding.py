@@ -9,7 +9,8 @@ pass computes them). It spends less on the way:
   - a row leaves the batch (and the KV cache) as soon as it has drawn an EOS;
   - the KV cache is written in place into buffers sized for the whole response (PreallocatedLayer), instead of
     being concatenated into a new tensor at every step, which copies all of it;
-  - the lm_head product runs as W @ h^T, which is faster at a few rows than h @ W^T (rto.sequences.lm_logits).
+  - the lm_head product runs as W @ h^T, which is faster at a few rows than h @ W^T (rto.sequences.lm_logits),
+    and so do the decoder's own linear layers while the loop runs (FewRowsProducts);
 With `trunk_layers=n` it also returns the hidden states after the bottom n layers at every prompt and response
 token: what the scoring pass would otherwise recompute as the shared trunk (rto.trunk.trunk_hidden).
 Each row draws its noise from its own generator (seeded from the global RNG), so the tokens of a row do not
@@ -19,6 +20,7 @@ depend on which other rows share its batch, when they finish, or how the prompts
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch import nn
@@ -149,6 +151,41 @@ def _prefill(decoder, prompts: list[list[int]], pad_id: int, capacity: int
     return cache, mask, positions[:, -1:] + 1, hidden, n, width
 
 
+class FewRowsProducts:
+    """While active, every plain nn.Linear under `module` on the CPU computes y = x W^T + b as (W x^T)^T + b when
+    x has FEW_ROWS rows (a decode step's batch): the same product, which the CPU's BLAS runs 1.1-1.6x faster in
+    that orientation for a decoder's matrices at 16-48 rows (fp32, 2-core AVX2: SmolLM2's gate/up 1.38 -> 0.84 ms,
+    down 0.89 -> 0.73 ms, q/o 0.43 -> 0.35 ms at 32 rows). The result is a transposed view (the next layer's
+    product then reads a contiguous x^T); it equals F.linear up to float summation order. It starts at 1 row
+    (about even there) so that a row sampled alone and in a batch go through the same products. Other row
+    counts, other devices and subclasses (peft's LoRA wrappers, whose inner Linear layers are patched) run as
+    usual."""
+
+    FEW_ROWS = range(1, 49)
+
+    def __init__(self, module: nn.Module):
+        self.linears = [m for m in module.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"]
+
+    @staticmethod
+    def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows not in FewRowsProducts.FEW_ROWS:
+            return nn.functional.linear(x, linear.weight, linear.bias)
+        y = torch.mm(linear.weight, x.reshape(rows, x.shape[-1]).t()).t()
+        if linear.bias is not None:
+            y = y + linear.bias
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def __enter__(self):
+        for m in self.linears:
+            m.forward = partial(self._forward, m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.linears:
+            m.__dict__.pop("forward", None)
+
+
 class _LayerOutputs:
     """Records the output of one decoder layer at every forward while active (a forward hook)."""
 
@@ -196,7 +233,9 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
     generators = None if greedy else row_generators(seeds)
     record = _LayerOutputs(decoder.layers[trunk_layers - 1]) if trunk_layers else None
     run = autocast if autocast is not None else nullcontext
+    products = FewRowsProducts(decoder)
     try:
+        products.__enter__()
         with run():
             cache, mask, positions, hidden, n, width = _prefill(decoder, [list(p) for p in unique], pad_id,
                                                                 max_new_tokens + 1)
@@ -248,6 +287,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
                 if bool(done.any()):
                     active, hidden, mask, positions = leave(done, hidden, mask, positions)
     finally:
+        products.__exit__()
         if record is not None:
             record.remove()
     trunk = [torch.cat(parts) for parts in states] if record is not None else None

@@ -110,8 +110,8 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
             # a decode step's few rows: the same product as (W @ h^T)^T, ~1.6x faster than h @ W^T at 32 rows x
             # 49k vocabulary on CPU
             logits = torch.mm(head.weight, hidden.float().t()).t().contiguous()
-        else:
-            logits = head(hidden.float())
+        else:  # one 2-D product: a 3-D slice that is not contiguous would run as a batched product
+            logits = head(hidden.float().reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -123,12 +123,42 @@ def response_logits(model, batch: SeqBatch, trunk=None, n_frozen: int = 0) -> to
     return lm_logits(model, _response_hidden(model, batch, trunk, n_frozen)[:, :-1])
 
 
+class PickedLogProb(torch.autograd.Function):
+    """log softmax(z)[y] = z_y - logsumexp(z) over the last dimension, and its gradient
+
+        d/dz_v = g * (1[v = y] - softmax(z)_v)
+
+    with one temporary of z's size in each direction (z - max, exponentiated in place; then -g * softmax(z)
+    with g added at y), where logsumexp and gather allocate five between them: over a 49k vocabulary each one
+    is a fresh block of tens to hundreds of MB whose pages the kernel must hand over."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        top = logits.amax(-1, keepdim=True)
+        top = top.masked_fill(~top.isfinite(), 0.0)  # rows of -inf (or inf): as torch.logsumexp
+        lse = torch.sub(logits, top).exp_().sum(-1, keepdim=True).log_().add_(top)
+        ctx.save_for_backward(logits, index, lse)
+        return (logits.gather(-1, index) - lse).squeeze(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, index, lse = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        dz = torch.sub(logits, lse).exp_().mul_(-g)
+        return dz.scatter_add_(-1, index, g), None
+
+
+def picked_logprobs(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits, -1) at `index` (one class per row: logits [..., V], index [...]) -> [...]."""
+    return PickedLogProb.apply(logits, index.unsqueeze(-1))
+
+
 def logprobs_from_logits(logits: torch.Tensor, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
     """log pi_T(y_t | s_t) = log_softmax(logits / T)[y_t], [B, T]; 0 off the response mask."""
     if temperature != 1.0:
         logits = logits / temperature
-    picked = logits.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
-    return (picked - logits.logsumexp(-1)) * batch.response_mask
+    return picked_logprobs(logits, batch.response_ids) * batch.response_mask
 
 
 def entropy_from_logits(logits: torch.Tensor, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import rto.decoding
-from rto.decoding import PreallocatedLayer, draw_tokens, row_generators, sample, shared_prefix_length
+from rto.decoding import (FewRowsProducts, PreallocatedLayer, draw_tokens, row_generators, sample,
+                          shared_prefix_length)
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rto.rollout import _generate_transformers, encode_prompts, eos_ids, generate
 from rto.sequences import entropy_from_logits, response_logits, token_logprobs
@@ -82,6 +83,23 @@ def test_stored_logprobs_equal_a_fresh_forward(tiny, temperature):
     hf_mask = hf.batch.response_mask.bool()
     hf_entropy = entropy_from_logits(response_logits(model, hf.batch), hf.batch, temperature)
     assert torch.allclose(hf.sampler_entropy[hf_mask], hf_entropy[hf_mask], atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_products_equal_linear_and_are_undone(bias):
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias), torch.nn.SiLU(), torch.nn.Linear(40, 24, bias=bias))
+    inputs = [torch.randn(rows, 24) for rows in (1, 3, 4, 32, 48, 49, 200)] + [torch.randn(8, 1, 24), torch.randn(3, 5, 24)]
+    plain = [block(x) for x in inputs]
+    with FewRowsProducts(block):
+        turned = [block(x) for x in inputs]
+        assert all("forward" in layer.__dict__ for layer in (block[0], block[2]))
+        assert block[0](inputs[3]).stride(0) == 1  # 32 rows: computed as (W x^T)^T
+        assert block[0](inputs[6]).is_contiguous()  # 200 rows: as nn.Linear does
+    assert not any("forward" in layer.__dict__ for layer in block)  # undone
+    for x, want, got in zip(inputs, plain, turned):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_draw_tokens_follows_softmax_at_the_temperature():

@@ -1,11 +1,13 @@
 """Batch layout, log-probs and the shared frozen trunk, on a tiny random Llama."""
 
+import math
+
 import torch
 
 from rto.models import ValueModel, load_causal_lm, set_trainable
 from rto.trunk import shares_trunk, trunk_hidden
-from rto.sequences import (collate, critic_values, cut_at_eos, nll_loss, sequence_scores, token_logprobs,
-                           token_values)
+from rto.sequences import (collate, critic_values, cut_at_eos, lm_logits, nll_loss, picked_logprobs,
+                           sequence_scores, token_logprobs, token_values)
 
 
 def test_collate_layout_by_hand():
@@ -31,6 +33,35 @@ def test_cut_at_eos_keeps_the_first_eos():
 
 def _batch():
     return collate([[11, 12, 13], [14]], [[21, 22, 23, 24], [25, 26]], pad_id=0)
+
+
+def test_picked_logprobs_and_their_gradient_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, float("-inf")]], requires_grad=True)
+    out = picked_logprobs(logits, torch.tensor([2, 0]))
+    lse = math.log(math.e + math.e ** 2 + math.e ** 3)  # 3.40761
+    torch.testing.assert_close(out, torch.tensor([3.0 - lse, -math.log(2.0)]))
+    out.backward(torch.tensor([1.0, 2.0]))
+    # d/dz_v = g * (1[v = y] - softmax(z)_v)
+    soft = [math.exp(v - lse) for v in (1.0, 2.0, 3.0)]
+    torch.testing.assert_close(logits.grad, torch.tensor([[-soft[0], -soft[1], 1.0 - soft[2]], [1.0, -1.0, 0.0]]))
+    z = torch.randn(2, 3, 7, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 7, (2, 3))
+    assert torch.autograd.gradcheck(picked_logprobs, (z, y))
+    torch.testing.assert_close(picked_logprobs(z, y), torch.log_softmax(z, -1).gather(-1, y[..., None])[..., 0])
+
+
+def test_lm_logits_of_a_slice_are_the_heads_output_row_by_row(tiny_model):
+    """The response positions are a slice of the hidden states (not contiguous): one 2-D product gives each row
+    what the head gives it alone."""
+    model = load_causal_lm(tiny_model).eval()
+    hidden = torch.randn(3, 9, model.config.hidden_size)
+    part = hidden[:, 2:-1]
+    assert not part.is_contiguous()
+    logits = lm_logits(model, part)
+    assert logits.shape == (3, 6, model.config.vocab_size)
+    for row in range(3):
+        for t in range(6):
+            torch.testing.assert_close(logits[row, t], model.lm_head(part[row, t]), rtol=0, atol=1e-5)
 
 
 def test_token_logprobs_match_a_plain_forward(tiny_model):
