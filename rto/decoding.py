@@ -172,8 +172,8 @@ class FewRowsProducts:
         if rows not in FewRowsProducts.FEW_ROWS:
             return nn.functional.linear(x, linear.weight, linear.bias)
         y = torch.mm(linear.weight, x.reshape(rows, x.shape[-1]).t()).t()
-        if linear.bias is not None:
-            y = y + linear.bias
+        if linear.bias is not None:  # in the product's dtype, as F.linear under autocast
+            y = y + linear.bias.to(y.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def __enter__(self):

@@ -100,6 +100,12 @@ def test_few_rows_products_equal_linear_and_are_undone(bias):
     for x, want, got in zip(inputs, plain, turned):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products, and a bf16 result as nn.Linear gives
+        want = block(inputs[3])
+        with FewRowsProducts(block):
+            got = block(inputs[3])
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
 
 
 def test_draw_tokens_follows_softmax_at_the_temperature():
