@@ -98,16 +98,18 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
     dicts, tensors). Raises CheckpointError (the previous checkpoints untouched) when the write fails
     or a weight is NaN/inf.
     """
-    from rto.distributed import check_in_sync, is_main, world
+    from rto.distributed import check_in_sync, full, full_state, is_main, sharded_training, world
 
     check_in_sync(models)  # several processes: their weights must be the same, and process 0 writes them
+    # sharded layers (rto.distributed) are gathered whole in every process (collectives), then written once
+    weights = {key: full(p.detach()).contiguous().cpu() for key, p in trainable(models).items()}
+    states = {k: full_state(v.state_dict()) for k, v in stateful.items()}
     if not is_main():
         return checkpoint_dir(out) / f"{PREFIX}{step:08d}"
     if checkpoint_dir(out).is_symlink():
         raise CheckpointError(f"{checkpoint_dir(out)} is a symbolic link; rto writes and deletes checkpoints only "
                               "in a folder of its own: remove the link and re-run the same command")
     final = checkpoint_dir(out) / f"{PREFIX}{step:08d}"
-    weights = {key: p.detach().contiguous().cpu() for key, p in trainable(models).items()}
     bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"refusing to checkpoint step {step}: NaN/inf in {bad[0]}"
@@ -117,9 +119,10 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
     try:
         with atomic_folder(final) as tmp:
             save_file(weights, str(tmp / "weights.safetensors"))
-            torch.save({"stateful": {k: v.state_dict() for k, v in stateful.items()},
+            torch.save({"stateful": states,
                         "rng": rng_state(generators), "state": state}, tmp / "trainer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "processes": world()[1],
+                                                         "sharded": sharded_training(),
                                                          "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
     except Exception as e:
         previous = latest_checkpoint(out)
@@ -137,18 +140,24 @@ def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: 
     The models must have been built as at the start of the run (same start weights, same trainable
     parameters). The RNG states are restored last, so the run continues as if never stopped.
     """
-    from rto.distributed import world
+    from rto.distributed import reshard_like, reshard_optimizer_state, sharded_training, world
 
     path = Path(path)
     try:
-        processes = json.loads((path / "state.json").read_text()).get("processes", 1)
+        record = json.loads((path / "state.json").read_text())
+        processes, sharded = record.get("processes", 1), record.get("sharded", False)
     except (OSError, ValueError, AttributeError):  # unreadable: the weights' check below names the checkpoint
-        processes = world()[1]
+        processes, sharded = world()[1], sharded_training()
     if processes != world()[1]:
         raise CheckpointError(f"checkpoint {path} was written by a run of {processes} process(es), and this run has "
                               f"{world()[1]}: each process's share of the data depends on their number, so resume with "
                               f"{processes} (torchrun --nproc_per_node {processes}, or accelerate launch --num_processes "
                               f"{processes}), or pass --resume false to start over")
+    if sharded != sharded_training():
+        raise CheckpointError(f"checkpoint {path} was written {'with' if sharded else 'without'} FSDP and this run is "
+                              f"launched {'with' if sharded_training() else 'without'} it (its optimizer states are "
+                              "grouped differently): resume with the launch config of the run that wrote it, or pass "
+                              "--resume false to start over")
     try:
         weights = load_file(str(path / "weights.safetensors"))
         saved = torch.load(path / "trainer.pt", weights_only=True)
@@ -162,9 +171,11 @@ def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: 
                               f"{extra[:3]}; was it written with other models or another train_layers?")
     with torch.no_grad():
         for key, p in params.items():
-            p.copy_(weights[key])
+            p.copy_(reshard_like(weights[key], p))  # a sharded parameter takes its own shard
     for name, obj in stateful.items():
         obj.load_state_dict(saved["stateful"][name])
+        if isinstance(obj, torch.optim.Optimizer):
+            reshard_optimizer_state(obj)
     set_rng_state(saved["rng"], generators)
     return saved["state"]
 

@@ -15,7 +15,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_pa
 
 from rto.checkpoint import CheckpointError
 from rto.data import MAX_ROW_BYTES, DataError, check
-from rto.distributed import broadcast, is_main
+from rto.distributed import broadcast, close, is_main
 from rto.runtime import NonFiniteError, finished_summary
 from rto.stages import pipeline
 from rto.stages.registry import STAGES, build_config, one_line
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rto {command}: interrupted; run the same command again to continue from the last checkpoint",
               file=sys.stderr)
         return 130
+    finally:
+        close()  # several processes: leave the process group before the interpreter exits
 
 
 if __name__ == "__main__":

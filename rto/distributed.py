@@ -14,6 +14,7 @@ and, since gradients are averaged (divided by W), each process backpropagates (n
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,7 @@ def average_gradients(params: list[torch.nn.Parameter], poison: bool = False) ->
     all-reduce of a flat buffer. `poison` (this process met a NaN/inf loss and did not backpropagate) fills its
     contribution with NaN, so every process sees a non-finite gradient and skips the same update."""
     _, w = world()
+    params = [p for p in params if not is_sharded(p)]  # FSDP reduce-scatters those in the backward pass
     if w == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -101,6 +103,120 @@ def average_gradients(params: list[torch.nn.Parameter], poison: bool = False) ->
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def sharded_training() -> bool:
+    """True when the launch asked accelerate for FSDP (ACCELERATE_USE_FSDP) and several processes run."""
+    return launched() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def check_fsdp(environ) -> None:
+    """Refuse the FSDP settings rto does not carry out, in one line each: FSDP version 1 (rto wraps with FSDP2),
+    parameter offloading, and accelerate's activation checkpointing (rto's own is --gradient_checkpointing)."""
+    if environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError(f"this launch asks for FSDP version {environ.get('FSDP_VERSION', '1')}; rto shards with FSDP2: "
+                         "set fsdp_version: 2 in the accelerate config (as configs/accelerate/fsdp-*.yaml do)")
+    for var, why in (("FSDP_OFFLOAD_PARAMS", "parameter offloading is not supported"),
+                     ("FSDP_ACTIVATION_CHECKPOINTING", "use rto's --gradient_checkpointing true instead")):
+        if environ.get(var, "false").lower() in ("1", "true", "yes"):
+            raise ValueError(f"the accelerate config sets {var} (fsdp_{var[5:].lower()}: true): {why}; set it to false")
+
+
+def shard_trained(model: torch.nn.Module, role: str, note) -> int:
+    """Under sharded training (module docstring), wrap each decoder layer of `model` that has trainable weights
+    with FSDP2's fully_shard and say so through `note` (e.g. run.note); returns how many were wrapped (0 otherwise:
+    the model is left as it is). Call it after set_trainable and trunk sharing, before the optimizer is built (the
+    wrapped weights become DTensors)."""
+    if not sharded_training():
+        return 0
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rto.config import ConfigError
+    from rto.models import decoder_of, is_peft_model
+
+    if is_peft_model(model):
+        raise ConfigError("--lora true and FSDP do not combine yet: launch LoRA runs with configs/accelerate/ddp-*.yaml "
+                          "(the adapters are small; every process holds the base)")
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world()[1],))
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    layers = [layer for layer in decoder_of(model).layers if any(p.requires_grad for p in layer.parameters())]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    note(f"fsdp: the {role}'s {len(layers)} trained layers sharded over {world()[1]} processes (each holds 1/"
+         f"{world()[1]} of their weights, gradients and AdamW states; reshard after forward: {str(reshard).lower()})")
+    return len(layers)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A tensor that only a share of lives in this process (a DTensor of an FSDP-wrapped layer)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded one gathered from every process (all must call it), any other as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def reshard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor `t` cut into `like`'s shards (every process passes the same `t`); `t` when `like` is whole."""
+    if not is_sharded(like):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements)
+
+
+def _fsdp_layers(models) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for model in models if model is not None for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def has_sharded_layers(model: torch.nn.Module) -> bool:
+    """True when shard_trained wrapped layers of `model` (gathered or not: its state_dict() then holds shards)."""
+    return bool(_fsdp_layers([model]))
+
+
+@contextmanager
+def gathered(*models):
+    """Hold the sharded layers of `models` whole until the block ends (sampling, no-gradient scoring, saving):
+    their weights are gathered once, and forward passes inside need no collective, so processes may run
+    different numbers of them. Nothing happens without sharded layers."""
+    layers = _fsdp_layers(models)
+    for layer in layers:
+        layer.set_reshard_after_forward(False)
+        layer.unshard()
+    try:
+        yield
+    finally:
+        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+        for layer in layers:
+            layer.reshard()
+            layer.set_reshard_after_forward(reshard)
+
+
+def full_state(obj):
+    """`obj` (a state dict, nested dicts/lists/tuples) with every sharded tensor gathered whole (collective: every
+    process calls it on the same structure)."""
+    if isinstance(obj, dict):
+        return {k: full_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_state(v) for v in obj)
+    return full(obj).detach() if torch.is_tensor(obj) else obj
+
+
+def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After load_state_dict of whole states (full_state), cut each sharded parameter's state tensors (AdamW's
+    moments) into that parameter's shards; AdamW's scalar step stays as it is."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if is_sharded(p):
+                for key, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and not is_sharded(value) and value.shape == p.shape:
+                        optimizer.state[p][key] = reshard_like(value, p)
 
 
 def gather_lists(items: list) -> list:
@@ -122,6 +238,14 @@ def broadcast(value):
     return box[0]
 
 
+def close() -> None:
+    """Leave the process group at the end of a launched command. A process that exits still joined to a gloo group
+    is aborted now and then as its threads are torn down ("terminate called without an active exception", exit
+    code -6), and torchrun then reports the whole finished run as failed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait until every process gets here (e.g. before reading what process 0 wrote)."""
     if world()[1] > 1:
@@ -135,7 +259,7 @@ def check_in_sync(models: dict[str, torch.nn.Module]) -> None:
     if w == 1:
         return
     for role, model in models.items():
-        params = [p.detach().double() for p in model.parameters() if p.requires_grad]
+        params = [full(p.detach()).double() for p in model.parameters() if p.requires_grad]
         local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)]) if params else \
             torch.zeros(2, dtype=torch.float64)
         low, high = local.clone(), local.clone()

@@ -121,13 +121,16 @@ def save_model(model, tokenizer, folder: str | Path, replace: bool = True, meta:
     (README.md, rto.cards) tells the base model, stage, objective, data and hyperparameters from that record and
     the run folder's config.yaml, with `metrics` (the run's headline numbers) when given."""
     from rto.cards import write_card
-    from rto.distributed import is_main
+    from rto.distributed import full_state, has_sharded_layers, is_main
 
+    # sharded training: every process gathers the whole weights of the sharded layers (a collective)
+    state = full_state(model.state_dict()) if has_sharded_layers(model) else None
     if not is_main():  # several processes hold the same weights (rto.distributed): process 0 writes them
         return Path(folder)
     with atomic_folder(folder, replace) as tmp:
         # a peft model writes its active adapter only (adapter_config.json, adapter_model.safetensors), not its base
-        model.save_pretrained(tmp, **({"selected_adapters": [model.active_adapter]} if is_peft_model(model) else {}))
+        model.save_pretrained(tmp, **({"selected_adapters": [model.active_adapter]} if is_peft_model(model) else
+                                      {"state_dict": state} if state is not None else {}))
         tokenizer.save_pretrained(tmp)
         if meta is not None:
             (tmp / RTO_META_FILE).write_text(json.dumps(meta, indent=2))
@@ -416,10 +419,14 @@ class ValueModel(nn.Module):
         ).last_hidden_state
         return self.values(hidden)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """The backbone as a transformers model folder, the head beside it; `state_dict` (of this module) replaces
+        the weights held when given (e.g. whole weights gathered from sharded layers)."""
         path = Path(path)
-        self.lm.save_pretrained(path)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, path / VALUE_HEAD_FILE)
+        part = lambda prefix: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
+        self.lm.save_pretrained(path, **({} if state_dict is None else {"state_dict": part("lm.")}))
+        head = self.head.state_dict() if state_dict is None else part("head.")
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, path / VALUE_HEAD_FILE)
         (path / RTO_META_FILE).write_text(json.dumps(self.meta, indent=2))
 
     def reward_stats(self) -> tuple[float, float] | None:

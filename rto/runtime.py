@@ -80,20 +80,24 @@ def check_report_to(report_to: str) -> str:
     return report_to
 
 
-ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-           "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def check_engine(environ) -> None:
-    """Refuse a launch that asks accelerate for a sharding engine (`accelerate launch` sets these variables from
-    its config's distributed_type): rto's processes are plain data parallel (each holds whole models, gradients
-    averaged in one all-reduce), and a sharding config would otherwise run as that without saying so."""
+    """Refuse a launch that asks accelerate for an engine rto does not drive (`accelerate launch` sets these
+    variables from its config's distributed_type): DeepSpeed and Megatron-LM would otherwise run as plain data
+    parallel without saying so. FSDP is carried out by rto itself (rto.distributed.shard_trained), with the settings
+    that rto.distributed.check_fsdp accepts."""
+    from rto.distributed import check_fsdp
+
     asked = {var: name for var, name in ENGINES.items() if environ.get(var, "false").lower() in ("1", "true", "yes")}
     if asked:
         raise ValueError(f"this launch asks for {' and '.join(asked.values())} ({', '.join(asked)} set by the "
-                         "accelerate config); rto runs several processes as data parallel only (every "
-                         "process holds whole models): launch with configs/accelerate/ddp-*.yaml or torchrun, and "
-                         "use --lora true to fit a large policy (docs/scaling.md)")
+                         "accelerate config); rto runs several processes as data parallel, or shards the trained "
+                         "layers with FSDP: launch with configs/accelerate/ddp-*.yaml, fsdp-*.yaml or torchrun, "
+                         "and use --lora true to fit a large policy (docs/scaling.md)")
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        check_fsdp(environ)
 
 
 def make_accelerator(precision: str, report_to: str = "none", run_dir: str | Path | None = None):

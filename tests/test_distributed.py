@@ -88,9 +88,12 @@ def _two_process_checks(rank: int, init: str, results) -> None:
             out["diverged"] = None
         except RuntimeError as e:
             out["diverged"] = str(e)
+        rd.close()  # what the command line does before exiting
+        out["closed"] = not dist.is_initialized()
         results[rank] = out
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_the_rules_on_two_gloo_processes(tmp_path):
@@ -103,20 +106,88 @@ def test_the_rules_on_two_gloo_processes(tmp_path):
         assert out["gathered"] == [0, 1, 1] and out["broadcast"] == "from 0" and out["any"]
         assert out["mean"] == {"m": 0.5, "label": "x"}
         assert out["diverged"] and "differ between the 2 processes" in out["diverged"]
+        assert out["closed"]
     joined = torch.tensor([1.0, 2.0, 9.0, 4.0, 7.0])
     expected = (joined - joined.mean()) / torch.sqrt(joined.var(unbiased=False) + 1e-8)
     assert both[0]["whitened"][0] == pytest.approx(expected[:3].tolist(), abs=1e-6)
     assert both[1]["whitened"][0] == pytest.approx(expected[3:].tolist() + [0.0], abs=1e-6)
 
 
+def _fsdp_checks(rank: int, init: str, results) -> None:
+    """One layer of a small model sharded with FSDP2 (as rto.distributed.shard_trained does), the other whole;
+    each process takes half of a batch of 4."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rto.stages.common import Optimization, clip_gradients, make_optimizer
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        out = {}
+        model = _small_model()
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (2,)))
+        out["sharded"] = [rd.is_sharded(p) for p in model.parameters()]
+        model(_BATCH[2 * rank : 2 * rank + 2]).pow(2).mean().backward()  # equal shares: the mean of the means
+        (out["norm"],) = clip_gradients([list(model.parameters())], 0.1, True)
+        out["grads"] = [rd.full(p.grad).tolist() for p in model.parameters()]
+        # AdamW over sharded and whole parameters, then its state gathered whole and cut again into shards
+        optimizer, _ = make_optimizer([{"params": list(model.parameters()), "lr": 0.01}], 10, Optimization())
+        optimizer.step()
+        whole = rd.full_state(optimizer.state_dict())
+        out["whole_state_sharded"] = any(rd.is_sharded(t) for st in whole["state"].values() for t in st.values())
+        again, _ = make_optimizer([{"params": list(model.parameters()), "lr": 0.01}], 10, Optimization())
+        again.load_state_dict(whole)
+        rd.reshard_optimizer_state(again)
+        first = model[0].weight
+        out["state_back"] = (rd.is_sharded(again.state[first]["exp_avg"])
+                             and torch.equal(again.state[first]["exp_avg"].to_local(),
+                                             optimizer.state[first]["exp_avg"].to_local()))
+        # a NaN loss in one process: every process backpropagates (FSDP reduces inside the backward) and every
+        # process sees a NaN norm
+        optimizer.zero_grad(set_to_none=True)
+        model(_BATCH[2 * rank : 2 * rank + 2]).pow(2).mean().backward()
+        out["poisoned_norm"] = clip_gradients([list(model.parameters())], 0.1, rank == 0)[0]
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+_BATCH = torch.linspace(-1, 1, 16).reshape(4, 4)
+
+
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+
+
+def test_sharded_layers_clip_and_step_as_one_whole_model(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_fsdp_checks, args=(f"file://{tmp_path / 'store'}", results), nprocs=2)
+    model = _small_model()  # the same weights in one process, the whole batch
+    model(_BATCH).pow(2).mean().backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1))
+    for out in (results[0], results[1]):
+        assert out["sharded"] == [True, True, False, False]
+        assert out["norm"] == pytest.approx(norm, rel=1e-6) and norm > 0.1  # clipping acted
+        for got, p in zip(out["grads"], model.parameters()):
+            assert torch.allclose(torch.tensor(got), p.grad, atol=1e-7)
+        assert not out["whole_state_sharded"] and out["state_back"]
+        assert out["poisoned_norm"] != out["poisoned_norm"]  # NaN
+
+
 # --- the pipeline under torchrun -------------------------------------------------------------------------------------
 
-def _env() -> dict:
+# what `accelerate launch --config_file configs/accelerate/fsdp-cpu-2.yaml` sets (besides starting 2 processes)
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+
+
+def _env(extra: dict | None = None) -> dict:
     # one thread per process: 2 processes on the 2 cores, and the 1-process run on the same arithmetic
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra or {})}
 
 
-def start(processes: int, *args: str, logs: Path, script: list[str] | None = None) -> subprocess.Popen:
+def start(processes: int, *args: str, logs: Path, script: list[str] | None = None,
+          env: dict | None = None) -> subprocess.Popen:
     """Start `rto ARGS` (or `python SCRIPT ARGS`) on `processes` processes through torchrun (gloo on CPU), its
     output going to files in `logs`; `finish` waits for it. Independent runs started together overlap their
     start-up (imports) and use the core a 1-process run leaves idle; each keeps its one thread per process."""
@@ -128,7 +199,7 @@ def start(processes: int, *args: str, logs: Path, script: list[str] | None = Non
                *target, *args]
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, env=_env(env), stdout=out, stderr=err, text=True)
     proc.logs = logs
     return proc
 
@@ -155,9 +226,10 @@ def side_by_side(procs: dict) -> dict:
                 proc.wait()
 
 
-def launch(processes: int, *args: str, logs: Path, script: list[str] | None = None, timeout: int = 600):
+def launch(processes: int, *args: str, logs: Path, script: list[str] | None = None, timeout: int = 600,
+           env: dict | None = None):
     """`rto ARGS` (or `python SCRIPT ARGS`) on `processes` processes through torchrun (gloo on CPU)."""
-    return finish(start(processes, *args, logs=logs, script=script), timeout)
+    return finish(start(processes, *args, logs=logs, script=script, env=env), timeout)
 
 
 def _recipe(tmp_path: Path, model: str, out: Path) -> Path:
@@ -166,7 +238,9 @@ def _recipe(tmp_path: Path, model: str, out: Path) -> Path:
                ppo_epochs=2, max_new_tokens=8, actor_lr=1e-3, critic_lr=1e-3)
     recipe = {
         "out": str(out),
-        "defaults": {"seed": 0, "train_layers": 2, "progress": False, "threads": 1},
+        # fp32: the comparisons are of data parallelism's arithmetic; under bf16 (the default on CPUs with native bf16)
+        # a process's half-batch rounds otherwise than the whole batch and the samples part from the first token
+        "defaults": {"seed": 0, "train_layers": 2, "progress": False, "threads": 1, "precision": "fp32"},
         "stages": [
             {"stage": "pairs", "policy": model, "num_prompts": 16, "max_new_tokens": 8, "samples_per_prompt": 3},
             {"stage": "rm", "model": model, "pairs": "{run}/pairs/pairs.jsonl", "epochs": 1, "batch_size": 4,
@@ -199,13 +273,14 @@ def _within_a_hundredth_of_training(start: dict, one: dict, two: dict) -> tuple[
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
+    """The pipeline on 1 process, on 2 (data parallel) and on 2 with FSDP ("fsdp"), the same recipe."""
     tmp = tmp_path_factory.mktemp("distributed")
-    folders = {n: tmp / f"p{n}" for n in (1, 2)}
-    done = side_by_side({n: start(n, "pipeline", str(_recipe(tmp, tiny_model, folders[n])), logs=tmp / f"logs{n}")
-                         for n in (1, 2)})
-    for n in (1, 2):
+    folders = {n: tmp / f"p{n}" for n in (1, 2, "fsdp")}
+    done = side_by_side({n: start(2 if n == "fsdp" else n, "pipeline", str(_recipe(tmp, tiny_model, folders[n])),
+                                  logs=tmp / f"logs{n}", env=FSDP if n == "fsdp" else None) for n in (1, 2, "fsdp")})
+    for n in done:
         assert done[n].returncode == 0, done[n].stderr[-3000:]
-    return {n: (folders[n], done[n]) for n in (1, 2)}
+    return {n: (folders[n], done[n]) for n in done}
 
 
 def test_two_processes_write_what_one_process_writes(runs, tiny_model):
@@ -221,11 +296,12 @@ def test_two_processes_write_what_one_process_writes(runs, tiny_model):
     assert done.stdout.count("pipeline: rto (ppo)") == 1  # printed by process 0 only
 
 
+@pytest.mark.parametrize("engine", [2, "fsdp"])
 @pytest.mark.parametrize("stage, folder", [("rm", "model"), ("dpo", "model"), ("rto", "policy"), ("rto", "critic")])
-def test_two_processes_train_the_weights_one_process_trains(runs, tiny_model, stage, folder):
-    """Same global batches, gradients averaged: the 2-process weights differ from the 1-process ones by float
-    rounding only, far less than training moved them (< 2%)."""
-    (one, _), (two, _) = runs[1], runs[2]
+def test_two_processes_train_the_weights_one_process_trains(runs, tiny_model, stage, folder, engine):
+    """Same global batches, gradients averaged (all-reduced, or reduce-scattered into FSDP's shards): the
+    2-process weights differ from the 1-process ones by float rounding only, far less than training moved them."""
+    (one, _), (two, _) = runs[1], runs[engine]
     w1, w2 = _weights(one / stage / folder), _weights(two / stage / folder)
     # what training started from: the tiny model, or for the critic the reward model it starts from
     start = _weights(one / "rm" / "model") if folder == "critic" else load_file(str(Path(tiny_model) / "model.safetensors"))
@@ -235,6 +311,17 @@ def test_two_processes_train_the_weights_one_process_trains(runs, tiny_model, st
     # taking the sampler's, whose rounding depends on each process's decode batch); Adam turns rounding-sized
     # gradients into lr-sized steps, so the bound is 2%: a gradient averaged wrongly moves weights by ~100%
     assert diff < 0.02 * moved, f"{stage}/{folder}: 1 vs 2 processes differ by {diff:.3g}, training moved {moved:.3g}"
+
+
+def test_fsdp_shards_the_trained_layers_and_writes_what_one_process_writes(runs):
+    (one, _), (sharded, done) = runs[1], runs["fsdp"]
+    for stage, roles in (("rm", ["reward model"]), ("dpo", ["policy"]), ("rto", ["policy", "critic"])):
+        log = (sharded / stage / "log.txt").read_text()
+        for role in roles:  # the tiny model's 2 trained layers (train_layers 2), each process holding half
+            assert f"fsdp: the {role}'s 2 trained layers sharded over 2 processes" in log, (stage, role)
+    assert (sharded / "pairs" / "pairs.jsonl").read_text() == (one / "pairs" / "pairs.jsonl").read_text()
+    assert (sharded / "report.md").exists() and json.loads((sharded / "eval" / "eval.json").read_text())["table"]
+    assert done.stdout.count("pipeline: rto (ppo)") == 1
 
 
 def test_two_processes_log_the_figures_of_one(runs):
@@ -251,20 +338,25 @@ def test_two_processes_log_the_figures_of_one(runs):
 def _ppo_args(model: str, rm: str, out: Path) -> list[str]:
     return ["ppo", "--reward", "sparse", "--policy", model, "--reward_model", rm, "--iterations", "3",
             "--rollout_size", "8", "--minibatch_size", "4", "--max_new_tokens", "6", "--train_layers", "2",
-            "--progress", "false", "--threads", "1", "--out", str(out)]
+            "--progress", "false", "--threads", "1", "--precision", "fp32", "--out", str(out)]
 
 
-def test_a_killed_two_process_run_resumes_where_it_stopped(runs, tiny_model, tmp_path):
+@pytest.mark.parametrize("engine", [None, FSDP], ids=["ddp", "fsdp"])
+def test_a_killed_two_process_run_resumes_where_it_stopped(runs, tiny_model, tmp_path, engine):
     rm = str(runs[1][0] / "rm" / "model")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    uninterrupted = start(2, *_ppo_args(tiny_model, rm, whole), logs=tmp_path / "logs-whole")  # runs meanwhile
+    uninterrupted = start(2, *_ppo_args(tiny_model, rm, whole), logs=tmp_path / "logs-whole", env=engine)  # meanwhile
     try:
-        killed = launch(2, *_ppo_args(tiny_model, rm, cut), script=[str(KILLER), "2"], logs=tmp_path / "logs-cut")
+        killed = launch(2, *_ppo_args(tiny_model, rm, cut), script=[str(KILLER), "2"], logs=tmp_path / "logs-cut",
+                        env=engine)
         assert killed.returncode != 0 and not (cut / "DONE").exists()
         # another number of processes would share the data differently: refused in one line
         other = launch(1, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-other")
         assert other.returncode == 1 and "written by a run of 2 process(es)" in other.stderr
-        resumed = launch(2, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-resumed")
+        if engine:  # with FSDP the optimizer states are grouped otherwise: a plain 2-process launch is refused
+            plain = launch(2, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-plain")
+            assert plain.returncode == 1 and "written with FSDP" in plain.stderr
+        resumed = launch(2, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-resumed", env=engine)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         done = finish(uninterrupted)
     finally:

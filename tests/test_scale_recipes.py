@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -389,6 +390,8 @@ def test_one_step_of_every_stage_on_tiny_models(name, lora, tmp_path, monkeypatc
 LAUNCH = {  # file -> (distributed type, processes, mixed precision, CPU only); MULTI_GPU = torchrun's launcher
     "ddp-cpu-2.yaml": ("MULTI_GPU", 2, "no", True),
     "ddp-8gpu.yaml": ("MULTI_GPU", 8, "bf16", False),
+    "fsdp-cpu-2.yaml": ("FSDP", 2, "no", True),
+    "fsdp-8gpu.yaml": ("FSDP", 8, "bf16", False),
 }
 
 
@@ -401,7 +404,11 @@ def test_launch_config_loads_with_accelerates_loader(name):
     assert isinstance(config, ClusterConfig)
     assert (config.distributed_type, config.num_processes, config.mixed_precision, config.use_cpu) == \
         (kind, processes, precision, cpu)
-    assert config.num_machines == 1 and not config.deepspeed_config and not config.fsdp_config  # data parallel only
+    assert config.num_machines == 1 and not config.deepspeed_config
+    if kind == "FSDP":  # the settings rto carries out (rto.distributed.check_fsdp), nothing it would refuse
+        assert config.fsdp_config == {"fsdp_version": 2, "fsdp_reshard_after_forward": True}
+    else:
+        assert not config.fsdp_config
 
 
 def test_accelerates_loader_refuses_an_unknown_key(tmp_path):
@@ -414,26 +421,33 @@ def test_accelerates_loader_refuses_an_unknown_key(tmp_path):
 
 
 PROBE = """
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from rto.distributed import sharded_training
+from rto.runtime import check_engine
+
 acc = Accelerator(cpu=not torch.cuda.is_available())  # as rto.runtime.make_accelerator does in launched processes
+check_engine(os.environ)  # the launch's engine settings are ones rto carries out
 total = torch.tensor([acc.process_index + 1.0])
 dist.all_reduce(total)
 with open(f"{sys.argv[1]}/rank{acc.process_index}.json", "w") as f:
-    json.dump([acc.num_processes, acc.state.backend, acc.distributed_type.value, float(total)], f)
+    json.dump([acc.num_processes, acc.state.backend, acc.distributed_type.value, float(total), sharded_training()], f)
+dist.destroy_process_group()  # as rto's command line does (rto.distributed.close): else gloo may abort the exit
 """
 
 
-def test_cpu_launch_config_starts_two_gloo_processes(tmp_path):
+@pytest.mark.parametrize("name, sharded", [("ddp-cpu-2.yaml", False), ("fsdp-cpu-2.yaml", True)])
+def test_cpu_launch_config_starts_two_gloo_processes(tmp_path, name, sharded):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     launcher = Path(sys.executable).with_name("accelerate")
-    done = subprocess.run([str(launcher), "launch", "--config_file", str(ACCELERATE_CONFIGS / "ddp-cpu-2.yaml"),
+    done = subprocess.run([str(launcher), "launch", "--config_file", str(ACCELERATE_CONFIGS / name),
                            "--main_process_port", "0", str(script), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     reports = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
-    assert reports == {f"rank{r}.json": [2, "gloo", "MULTI_CPU", 3.0] for r in (0, 1)}  # 1 + 2 summed over gloo
+    # 1 + 2 summed over gloo; with the FSDP config rto's processes shard (accelerate itself reports MULTI_CPU)
+    assert reports == {f"rank{r}.json": [2, "gloo", "MULTI_CPU", 3.0, sharded] for r in (0, 1)}

@@ -243,15 +243,26 @@ def test_adamw_runs_fused_and_updates_as_the_reference_loop():
     torch.testing.assert_close(moved["rto"], moved["loop"], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_a_sharding_engine_launch_is_refused(capsys, tmp_path, tiny_model, pairs_file, monkeypatch, variable, engine):
-    """`accelerate launch` with an FSDP or DeepSpeed config sets these variables; on CPU accelerate would quietly
-    run plain processes instead, and rto's processes hold whole models: the stage says so before it starts."""
-    monkeypatch.setenv(variable, "true")
+@pytest.mark.parametrize("variables, words", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["DeepSpeed", "ddp", "fsdp"]),
+    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, ["Megatron-LM"]),
+    ({"ACCELERATE_USE_FSDP": "true"}, ["FSDP version 1", "fsdp_version: 2"]),  # accelerate's default version
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, ["FSDP_OFFLOAD_PARAMS"]),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+     ["--gradient_checkpointing"]),
+])
+def test_an_engine_setting_rto_does_not_carry_out_is_refused(capsys, tmp_path, tiny_model, pairs_file, monkeypatch,
+                                                             variables, words):
+    """`accelerate launch` sets these variables from its config; on CPU accelerate would quietly run plain
+    processes instead of DeepSpeed, and rto carries out FSDP2 without offloading only: the stage says so in one
+    line before it starts."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
     err = _one_line(capsys, ["dpo", "--model", tiny_model, "--pairs", pairs_file, "--progress", "false",
-                             "--out", str(tmp_path / "d")], engine)
-    assert "ddp" in err and not (tmp_path / "d" / "model").exists()
-    monkeypatch.setenv(variable, "false")  # as accelerate sets it for other configs
+                             "--out", str(tmp_path / "d")], words[0])
+    assert all(w in err for w in words) and not (tmp_path / "d" / "model").exists(), err
+    for name in variables:
+        monkeypatch.setenv(name, "false")  # as accelerate sets them for other configs
     from rto.runtime import make_accelerator
 
     assert make_accelerator("fp32").num_processes == 1

@@ -207,22 +207,48 @@ def backward_and_clip(accelerator, loss: torch.Tensor, param_sets: list[list], m
 
 
 def backward(accelerator, loss: torch.Tensor) -> bool:
-    """Backpropagate `loss` unless it is NaN/inf; returns whether it was finite (for clip_gradients)."""
+    """Backpropagate `loss` unless it is NaN/inf; returns whether it was finite (for clip_gradients). Under sharded
+    training (rto.distributed) every process backpropagates, because FSDP reduces the gradients inside the backward
+    pass; clip_gradients then poisons them."""
+    from rto.distributed import sharded_training
+
     ok = finite(loss.detach())
-    if ok:
+    if ok or sharded_training():
         accelerator.backward(loss)
     return ok
 
 
 def clip_gradients(param_sets: list[list], max_norm: float, ok: bool) -> list[float]:
     """The second half of backward_and_clip, after one or more `backward` calls (`ok`: all their losses finite)."""
-    from rto.distributed import average_gradients, world
+    from rto.distributed import average_gradients, is_sharded, world
 
     if world()[1] > 1:
         average_gradients([p for params in param_sets for p in params], poison=not ok)
+        if not ok:  # the sharded gradients too: their norm, summed over processes, is then NaN in every process
+            for p in (p for params in param_sets for p in params if is_sharded(p) and p.grad is not None):
+                p.grad.to_local().fill_(float("nan"))
     elif not ok:
         return [float("nan")] * len(param_sets)
-    return [float(torch.nn.utils.clip_grad_norm_(params, max_norm)) for params in param_sets]
+    return [clip_grad_norm(params, max_norm) for params in param_sets]
+
+
+def clip_grad_norm(params: list, max_norm: float) -> float:
+    """torch's clip_grad_norm_ (scale every gradient by min(1, max_norm / (norm + 1e-6)), norm the L2 norm of all
+    of them), also for a set that mixes sharded parameters (rto.distributed) with whole ones: the sharded part's
+    norm is summed over processes first. Returns the norm before clipping."""
+    from rto.distributed import full, is_sharded
+
+    if not any(is_sharded(p) for p in params):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    parts = [[p.grad for p in params if p.grad is not None and is_sharded(p) == sharded] for sharded in (True, False)]
+    norm = float(torch.stack([full(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
+                              for grads in parts]).norm())
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for grads in parts:
+            if grads:
+                torch._foreach_mul_(grads, coef)
+    return norm
 
 
 class NonFiniteGuard:
@@ -266,7 +292,12 @@ def make_optimizer(groups, total_steps: int, opt: Optimization):
     AdamW runs fused (one kernel over all parameters) on CPU and CUDA: the same update up to fp32 rounding
     (~1e-8), 5-8x faster than torch's default per-tensor loop on CPU (0.12 s against 0.7-1.0 s a step for the
     135M parameters of SmolLM2 on 2 cores), where the per-tensor loop cost about 1 s of each PPO minibatch."""
+    from rto.distributed import is_sharded
+
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    if any(is_sharded(p) for p in params):  # a fused update takes sharded and whole tensors in separate groups
+        groups = [{**g, "params": part} for g in groups for part in
+                  ([p for p in g["params"] if is_sharded(p)], [p for p in g["params"] if not is_sharded(p)]) if part]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     optimizer = torch.optim.AdamW(groups, betas=tuple(opt.betas), weight_decay=opt.weight_decay, fused=fused or None)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -374,7 +405,7 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
     """
     from tqdm.auto import tqdm
 
-    from rto.distributed import gather_lists, share, share_weight
+    from rto.distributed import gather_lists, share, share_weight, sharded_training
 
     total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     optimizer, scheduler = make_optimizer(groups, total, cfg)
@@ -392,6 +423,9 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
             if mine:
                 with accelerator.autocast():
                     loss, stats = loss_fn(epoch, mine)
+            elif sharded_training():  # zero gradients, through the sharded layers' forward and backward as elsewhere
+                with accelerator.autocast():
+                    loss, stats = loss_fn(epoch, items[:1])[0] * 0.0, {}
             else:  # a last batch smaller than the number of processes: this one contributes zero gradients
                 loss, stats = sum(p.sum() for p in params) * 0.0, {}
             (grad_norm,) = backward_and_clip(accelerator, loss * share_weight(len(mine), len(items)), [params],

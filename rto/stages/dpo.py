@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rto.config import ConfigError
+from rto.distributed import gathered, shard_trained
 from rto.lora import LoraOptions, adapter_record, attach_adapter, base_view, enable_gradient_checkpointing, same_model
 from rto.losses import PREFERENCE_LOSSES, PairScores, sequence_logprob, sequential_kl
 from rto.models import DEFAULT_MODEL, load_causal_lm, save_model, set_trainable, weights_fingerprint
@@ -103,6 +104,7 @@ def run(cfg: DPOConfig) -> dict:
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id).to(accelerator.device)
     n_shared = shared_trunk_layers([policy] + ([ref] if use_ref else []), cfg.train_layers, probe, run_.note)
+    shard_trained(policy, "policy", run_.note)  # FSDP launches: the trained layers split over the processes (rto.distributed)
 
     def score(items, grad_policy: bool) -> PairScores:
         """What the loss reads of these pairs, and only that: reference log-probs unless reference-free,
@@ -134,7 +136,7 @@ def run(cfg: DPOConfig) -> dict:
     summary = {"steps": steps, "train_pairs": len(train), "heldout_pairs": len(heldout)}
     if heldout:
         size = 2 * cfg.batch_size
-        with accelerator.autocast(), torch.no_grad():
+        with gathered(policy), accelerator.autocast(), torch.no_grad():
             scores = PairScores.cat([score(heldout[i : i + size], False) for i in range(0, len(heldout), size)])
             _, stats = loss_impl(scores, **hyper)
         summary.update({f"heldout_{k}": float(v) for k, v in stats.items()})
@@ -146,7 +148,8 @@ def run(cfg: DPOConfig) -> dict:
         meta["reference_fingerprint"] = weights_fingerprint(ref)
     if cfg.lora:  # the folder holds the adapter only: its record names the base it needs
         meta.update(adapter_record(cfg.model, base_fingerprint))
-    save_model(policy, tokenizer, run_.dir / "model", meta=meta)
+    with gathered(policy):
+        save_model(policy, tokenizer, run_.dir / "model", meta=meta)
     run_.note(f"dpo ({cfg.loss}, {', '.join(f'{k} {v:g}' for k, v in hyper.items())}): {steps} steps; held-out "
               f"accuracy {summary.get('heldout_accuracy', float('nan')):.3f}, "
               f"margin {summary.get('heldout_reward_margin', float('nan')):.3f} -> {run_.dir / 'model'}")

@@ -31,8 +31,8 @@ from rto.experience import Experience, SequenceTensors, TokenTensors
 from rto.lora import LoraOptions, enable_gradient_checkpointing, one_base_roles
 from rto.losses import LOSS_AGGREGATIONS, policy_loss, value_loss
 from rto.checkpoint import load_checkpoint, save_checkpoint
-from rto.distributed import (all_sum, any_true, gather_lists, masked_moments, mean_over_processes, share_bounds,
-                             share_weight, world)
+from rto.distributed import (all_sum, any_true, gather_lists, gathered, masked_moments, mean_over_processes,
+                             shard_trained, share_bounds, share_weight, world)
 from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, read_meta, save_model, set_trainable, weights_fingerprint
 from rto.rewards import (REWARD_SOURCES, adaptive_kl_coef, check_sources, compose_rewards, normalised_rm_score,
                          sentence_ends, sequence_kl, token_pieces)
@@ -323,6 +323,9 @@ def run(cfg: PPOConfig) -> dict:
         set_trainable(model, cfg.train_layers)
     probe = probe_batch(prompt_ids, tokenizer.pad_token_id).to(device)
     n_shared = shared_trunk_layers([m for m in roles.values() if m is not None], cfg.train_layers, probe, run_.note)
+    for role, model in (("policy", policy), ("critic", critic)):  # FSDP launches: the trained layers split over
+        if model is not None:                                   # the processes (rto.distributed)
+            shard_trained(model, role, run_.note)
     rm_stats = roles["rm"].reward_stats()
     if rm_stats is None:
         run_.note(f"ppo: {cfg.reward_model} has no reward statistics; scores are used unnormalised")
@@ -382,7 +385,7 @@ def run(cfg: PPOConfig) -> dict:
         idx, group, seeds = idx[mine], group[mine], seeds[mine] if pure else None
 
         # 1. rollout
-        with timed(times, "time_generate_s"):
+        with timed(times, "time_generate_s"), gathered(policy):
             rollout = generate(policy, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                batch_size=cfg.generation_batch_size, autocast=accelerator.autocast, desc="rollout",
@@ -390,7 +393,7 @@ def run(cfg: PPOConfig) -> dict:
                                trunk_layers=0 if rescore else n_shared)
 
         # 2. scoring (and the gold score, logged only)
-        with timed(times, "time_score_s"):
+        with timed(times, "time_score_s"), gathered(policy, critic):
             exp = score_rollout(rollout, decode_responses(tokenizer, rollout.response_ids), [prompt_rows[i] for i in idx],
                                 group, gold_scorer, roles, n_shared, cfg, accelerator, rm_stats)
         mask, tok = exp.batch.response_mask, exp.tokens
@@ -513,14 +516,15 @@ def run(cfg: PPOConfig) -> dict:
             save_checkpoint(run_.dir, it, models, stateful, state, generators={"minibatches": gen},
                             keep=cfg.keep_checkpoints)
 
-    save_model(policy, tokenizer, run_.dir / "policy", meta={
-        "stage": "ppo", "reward": cfg.reward, "sources": weights, "dpo_model": cfg.dpo_model if needs_dpo else None,
-        "dpo_loss": dpo_record.get("loss"), "beta_dpo": weights.get("dpo", weights.get("simpo")),
-        "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl, "beta_rm": cfg.beta_rm, "temperature": cfg.temperature,
-        "granularity": cfg.granularity, "estimator": cfg.estimator, "group_size": cfg.group_size,
-        "loss_agg": cfg.loss_agg, **lora_meta})
-    if critic is not None:
-        save_model(critic, tokenizer, run_.dir / "critic")
+    with gathered(policy, critic):
+        save_model(policy, tokenizer, run_.dir / "policy", meta={
+            "stage": "ppo", "reward": cfg.reward, "sources": weights,
+            "dpo_model": cfg.dpo_model if needs_dpo else None, "dpo_loss": dpo_record.get("loss"),
+            "beta_dpo": weights.get("dpo", weights.get("simpo")), "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl,
+            "beta_rm": cfg.beta_rm, "temperature": cfg.temperature, "granularity": cfg.granularity,
+            "estimator": cfg.estimator, "group_size": cfg.group_size, "loss_agg": cfg.loss_agg, **lora_meta})
+        if critic is not None:
+            save_model(critic, tokenizer, run_.dir / "critic")
     last = history[-1]
     summary = {"iterations": cfg.iterations, "reward": cfg.reward, "sources": weights, "estimator": cfg.estimator,
                "granularity": cfg.granularity, "loss_agg": cfg.loss_agg, "final_gold": last["gold"], "final_kl": last["kl"],

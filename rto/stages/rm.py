@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rto.distributed import gather_lists, share, world
+from rto.distributed import gather_lists, gathered, shard_trained, share, world
 from rto.losses import bradley_terry_loss
 from rto.models import DEFAULT_MODEL, ValueModel, load_tokenizer, save_model, set_trainable
 from rto.rollout import encode_prompts
@@ -76,6 +76,7 @@ def run(cfg: RMConfig) -> dict:
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id)
     n_frozen = shared_trunk_layers([model], cfg.train_layers, probe, run_.note)
+    shard_trained(model, "reward model", run_.note)  # FSDP launches: the trained layers split over the processes (rto.distributed)
 
     def scores(batch, trunk):
         s = sequence_scores(token_values(model, batch, trunk, n_frozen), batch, cfg.pooling)
@@ -89,7 +90,7 @@ def run(cfg: RMConfig) -> dict:
     steps = fit(run_, accelerator, model, param_groups(model, cfg.lr, cfg.head_lr), train, cfg,
                 lambda epoch, items: bradley_terry_loss(*scores(*encoded(items))), "reward model")
 
-    with accelerator.autocast(), torch.no_grad():
+    with gathered(model), accelerator.autocast(), torch.no_grad():
         # reward statistics of the training responses under the final weights, in the batches of the final epoch
         # (which saw each pair once), streamed: one batch is encoded and scored at a time, then dropped; with
         # several processes each scores its share of every batch and only the scores travel
@@ -105,7 +106,8 @@ def run(cfg: RMConfig) -> dict:
     model.meta.update({k: summary[k] for k in ("reward_mean", "reward_std")})
     model.meta["trained_on"] = str(cfg.pairs)
     model.meta["pooling"] = cfg.pooling
-    save_model(model, tokenizer, run_.dir / "model", metrics=summary)
+    with gathered(model):
+        save_model(model, tokenizer, run_.dir / "model", metrics=summary)
     run_.note(f"rm: {steps} steps; train accuracy {summary['train_accuracy']:.3f}, held-out "
               f"{summary.get('heldout_accuracy', float('nan')):.3f} on {len(heldout)} pairs; "
               f"reward mean {summary['reward_mean']:.3f} std {summary['reward_std']:.3f} -> {run_.dir / 'model'}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rto.distributed import gathered, shard_trained
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, save_model, set_trainable
 from rto.rollout import encode_prompts
 from rto.sequences import nll_loss, probe_batch, shared_trunk
@@ -36,6 +37,7 @@ def run(cfg: SFTConfig) -> dict:
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id)
     n_frozen = shared_trunk_layers([model], cfg.train_layers, probe, run_.note)
+    shard_trained(model, "model", run_.note)  # FSDP launches: the trained layers split over the processes (rto.distributed)
 
     def nll(items):
         batch = response_batch(tokenizer, [p.prompt for p in items], [(p.chosen, p.chosen_ended) for p in items],
@@ -46,11 +48,12 @@ def run(cfg: SFTConfig) -> dict:
     steps = fit(run_, accelerator, model, param_groups(model, cfg.lr), train, cfg,
                 lambda epoch, items: (nll(items), {}), "sft")
     summary = {"steps": steps, "train_rows": len(train)}
-    if heldout:
-        with accelerator.autocast():
-            losses = score_in_batches(lambda it: nll(it).reshape(1), heldout, cfg.batch_size)
-        summary["heldout_nll"] = float(losses.mean())
-    save_model(model, tokenizer, run_.dir / "model")
+    with gathered(model):
+        if heldout:
+            with accelerator.autocast():
+                losses = score_in_batches(lambda it: nll(it).reshape(1), heldout, cfg.batch_size)
+            summary["heldout_nll"] = float(losses.mean())
+        save_model(model, tokenizer, run_.dir / "model")
     run_.note(f"sft: {steps} steps; held-out nll {summary.get('heldout_nll', float('nan')):.3f} -> {run_.dir / 'model'}")
     run_.finish(summary)
     return summary
