@@ -118,15 +118,17 @@ def measure_limits(hidden: int, intermediate: int, vocab: int, row_counts: dict[
             if bf16:
                 rates.setdefault("bf16", {})[f"{label}/{name} {m}x{k}x{n}"] = matmul_gflops(m, k, n, torch.bfloat16,
                                                                                              seconds)
-    by_rows = {label: max(v for key, v in rates["fp32"].items() if key.startswith(label + "/")) for label in row_counts}
+    by_rows = {dtype: {label: max(v for key, v in table.items() if key.startswith(label + "/")) for label in row_counts}
+               for dtype, table in rates.items()}
     return {
         "cpu": {"model": info["model"], "logical_cpus": info["logical_cpus"], "os_cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(), "vector_flags": info["vector_flags"],
                 "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": bf16,
                 "machine": platform.machine()},
         "matmul_gflops": rates,
-        "best_fp32_gflops_by_rows": by_rows,
+        "best_fp32_gflops_by_rows": by_rows["fp32"],
         "peak_fp32_gflops": max(rates["fp32"].values()),
+        **({"best_bf16_gflops_by_rows": by_rows["bf16"], "peak_bf16_gflops": max(rates["bf16"].values())} if bf16 else {}),
         "bf16_note": None if bf16 else "bf16 not measured: this CPU has no native bf16 (no avx512_bf16 / amx flags)",
         "copy_bandwidth_gbs": copy_bandwidth_gbs(128 if quick else 512),
         **({"decode_step_floor": decode_step_floor(decode_weights, row_counts["decode"], 2 if quick else 5)}

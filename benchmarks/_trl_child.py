@@ -62,7 +62,7 @@ def main(spec_path: str, out_path: str) -> None:
     n = spec["rollout_size"]
     config = PPOConfig(
         output_dir=spec["out_dir"], seed=spec["seed"], report_to="none", save_strategy="no", logging_steps=1,
-        use_cpu=True, bf16=False, fp16=False,  # fp32 (TRL's PPOConfig defaults to bf16)
+        use_cpu=True, bf16=spec.get("bf16", False), fp16=False,  # fp32 unless asked (TRL's PPOConfig defaults to bf16)
         gradient_checkpointing=False,  # TRL defaults to True: recomputes activations, slower; off for speed
         per_device_train_batch_size=n, gradient_accumulation_steps=1,  # a rollout of n responses per update
         num_mini_batches=n // spec["minibatch_size"],  # -> optimizer steps on minibatches of minibatch_size

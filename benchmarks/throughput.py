@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppo_epochs", type=int, default=1)
     p.add_argument("--iterations", type=int, default=2, help="iterations per process; the last one is timed")
     p.add_argument("--system_prompt", default="", help="system message of every prompt (rto's default: empty)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="every contender's precision: fp32, or bf16 autocast with fp32 weights (rto's --precision "
+                        "bf16, TRL's bf16=True) on CPUs with native bf16; a bf16 run writes throughput-bf16.*")
     p.add_argument("--groups", default="all,top6", help="layer settings: all (every layer trains), top6")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--only", choices=("limits", "all", "top6", "report"), default=None,
@@ -95,12 +98,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--groups takes {', '.join(GROUPS)}; got {', '.join(bad)}")
     if bad := [c for c in args.contenders if c not in CONTENDERS]:
         raise ValueError(f"--contenders takes {', '.join(CONTENDERS)}; got {', '.join(bad)}")
+    if args.precision == "bf16":
+        from rto.runtime import cpu_has_native_bf16
+
+        if not cpu_has_native_bf16():
+            raise ValueError("--precision bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); elsewhere torch "
+                             "emulates it, far slower than fp32")
 
 
 def settings_key(args: argparse.Namespace) -> str:
     """Short digest of the settings a measurement depends on: samples of other settings are never mixed."""
     fields = [args.rollout_size, args.max_new_tokens, args.minibatch_size, args.ppo_epochs, args.iterations,
-              args.system_prompt, args.before, args.seed]
+              args.system_prompt, args.before, args.seed] + ([args.precision] if args.precision != "fp32" else [])
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:10]
 
 
@@ -178,12 +187,12 @@ def rollout_prompt_ids(args: argparse.Namespace) -> list[list[int]]:
 # ----------------------------------------------------------------------------------------------- contenders
 
 def ours_argv(kind: str, train_layers: int | None, out: Path, models: dict, args: argparse.Namespace) -> list[str]:
-    """`rto ppo` flags of one contender: the stage's defaults except the benchmark's shared settings, fp32,
-    no checkpoint before the last iteration, no progress bars."""
+    """`rto ppo` flags of one contender: the stage's defaults except the benchmark's shared settings, the
+    precision, no checkpoint before the last iteration, no progress bars."""
     argv = ["--out", str(out), "--reward", "sparse" if kind == "ours_ppo" else "rto", "--reward_model", models["rm"],
             "--iterations", str(args.iterations), "--rollout_size", str(args.rollout_size),
             "--minibatch_size", str(args.minibatch_size), "--ppo_epochs", str(args.ppo_epochs),
-            "--max_new_tokens", str(args.max_new_tokens), "--precision", "fp32",
+            "--max_new_tokens", str(args.max_new_tokens), "--precision", args.precision,
             "--train_layers", "null" if train_layers is None else str(train_layers), "--checkpoint_every", "0",
             "--progress", "false", "--resume", "false", "--overwrite", "true", "--seed", str(args.seed),
             "--system_prompt", args.system_prompt]
@@ -196,7 +205,8 @@ def trl_spec(train_layers: int | None, out: Path, models: dict, prompt_ids: list
     return {"model": models["base"], "train_layers": train_layers, "seed": args.seed, "pad_token": "<|endoftext|>",
             "rollout_size": args.rollout_size, "minibatch_size": args.minibatch_size, "ppo_epochs": args.ppo_epochs,
             "iterations": args.iterations, "forward_batch_size": args.rollout_size,
-            "max_new_tokens": args.max_new_tokens, "lr": 3e-5, "out_dir": str(out), "prompt_ids": prompt_ids}
+            "max_new_tokens": args.max_new_tokens, "lr": 3e-5, "out_dir": str(out), "prompt_ids": prompt_ids,
+            "bf16": args.precision == "bf16"}
 
 
 def run_child(cmd: list[str], env: dict, log: Path, timeout: int) -> tuple[int, float]:
@@ -318,12 +328,12 @@ def summarize(samples: list[dict], limits: dict | None, args: argparse.Namespace
                                     policy_rescored=kind.endswith("_before"),  # the older tree rescored it,
                                     trunk_from_sampler=kind in ("ours_rto", "ours_ppo"))  # and ran the trunk
                 entry["flops"] = flops
-                if limits:
+                if limits and f"peak_{args.precision}_gflops" in limits:  # against the run's precision's rates
                     median_s = {p: entry["phase_s"][p]["median"] for p in PHASES}
-                    entry["mfu"] = mfu(flops, median_s, limits["peak_fp32_gflops"])
+                    entry["mfu"] = mfu(flops, median_s, limits[f"peak_{args.precision}_gflops"])
                     rows = {"generate": "decode", "score": "score", "update": "update"}
-                    entry["mfu_vs_phase_shape"] = {p: flops[p] / median_s[p] / (limits["best_fp32_gflops_by_rows"]
-                                                                                [rows[p]] * 1e9) for p in PHASES}
+                    by_rows = limits[f"best_{args.precision}_gflops_by_rows"]
+                    entry["mfu_vs_phase_shape"] = {p: flops[p] / median_s[p] / (by_rows[rows[p]] * 1e9) for p in PHASES}
                 for key in ("rto_file", "versions", "trainable", "optimizer"):
                     if key in ok[0]:
                         entry[key] = ok[0][key]
@@ -367,8 +377,11 @@ def headline(table: dict) -> dict:
     return {**flat, "spreads": spreads}
 
 
-def generation_ceiling(limits: dict | None) -> float | None:
-    """Tokens/s no fp32 decode loop at the rollout's batch size can pass here: rows / the step's matmul floor."""
+def generation_ceiling(limits: dict | None, precision: str = "fp32") -> float | None:
+    """Tokens/s no fp32 decode loop at the rollout's batch size can pass here: rows / the step's matmul floor
+    (measured in fp32 only: None for a bf16 run)."""
+    if precision != "fp32":
+        return None
     return ((limits or {}).get("decode_step_floor") or {}).get("ceiling_tokens_per_s")
 
 
@@ -462,6 +475,11 @@ def append_store(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def results_name(args: argparse.Namespace) -> str:
+    """throughput (fp32), or throughput-bf16: runs of each precision keep their own results files."""
+    return "throughput" if args.precision == "fp32" else f"throughput-{args.precision}"
+
+
 def write_results(args: argparse.Namespace, store: Path, limits_path: Path, prompt_ids: list, command: str) -> dict:
     rows = load_store(store)
     samples = [r for r in rows if r.get("type") == "sample"]
@@ -472,7 +490,8 @@ def write_results(args: argparse.Namespace, store: Path, limits_path: Path, prom
     trl = next((s for s in samples if s["contender"] == "trl_ppo" and s.get("versions")), None)
     result = {
         **flat,
-        "generation_ceiling_tokens_per_s": generation_ceiling(limits),
+        "generation_ceiling_tokens_per_s": generation_ceiling(limits, args.precision),
+        "precision": args.precision,
         "acceptance": acceptance(flat),
         "command": command,
         "commands": sorted({r["command"] for r in rows if "command" in r}, key=lambda c: c),
@@ -483,7 +502,8 @@ def write_results(args: argparse.Namespace, store: Path, limits_path: Path, prom
         "versions": versions(trl),
         "repetitions": {f"{g}/{k}": e["samples_per_s"]["n"] for g, t in table.items() for k, e in t.items()
                         if "samples_per_s" in e},
-        "settings": {"model": "SmolLM2-135M-Instruct (rto.models.DEFAULT_MODEL), fp32",
+        "settings": {"model": f"SmolLM2-135M-Instruct (rto.models.DEFAULT_MODEL), {args.precision}",
+                     "precision": args.precision + (" (autocast, fp32 weights)" if args.precision == "bf16" else ""),
                      "rollout_size": args.rollout_size, "max_new_tokens": args.max_new_tokens,
                      "fixed_response_length": True, "minibatch_size": args.minibatch_size,
                      "ppo_epochs": args.ppo_epochs, "iterations_per_process": args.iterations,
@@ -495,10 +515,10 @@ def write_results(args: argparse.Namespace, store: Path, limits_path: Path, prom
     }
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "throughput.json").write_text(json.dumps(result, indent=1))
+    (results / f"{results_name(args)}.json").write_text(json.dumps(result, indent=1))
     if any("samples_per_s" in e for t in table.values() for e in t.values()):
-        plot(table, results / "throughput.png",
-             f"one PPO iteration, SmolLM2-135M fp32, rollout {args.rollout_size} x {args.max_new_tokens} tokens, "
+        plot(table, results / f"{results_name(args)}.png",
+             f"one PPO iteration, SmolLM2-135M {args.precision}, rollout {args.rollout_size} x {args.max_new_tokens} tokens, "
              f"{(limits or {}).get('cpu', {}).get('model', '?')} ({(limits or {}).get('cpu', {}).get('logical_cpus', '?')}"
              f" CPUs), {result['date']}")
     return result
@@ -553,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         result = write_results(args, store, limits_path, prompt_ids, command)
         print(result["table_markdown"])
         print(json.dumps(result["acceptance"], indent=1))
-        print(f"wrote {Path(args.results) / 'throughput.json'}")
+        print(f"wrote {Path(args.results) / (results_name(args) + '.json')}")
     return 0
 
 

@@ -159,19 +159,39 @@ class FewRowsProducts:
     product then reads a contiguous x^T); it equals F.linear up to float summation order. It starts at 1 row
     (about even there) so that a row sampled alone and in a batch go through the same products. Other row
     counts, other devices and subclasses (peft's LoRA wrappers, whose inner Linear layers are patched) run as
-    usual."""
+    usual.
+
+    Under a lower-precision autocast (bf16), each weight is cast once while active and the cast copy reused at
+    every step: autocast casts an fp32 weight again at every product (it caches only weights that require
+    gradients, and only until its block ends, i.e. within one step). On a 2-core AMX CPU (SmolLM2-135M, 32 prompts
+    x 40 tokens) copies were 42% of a bf16 decode loop's CPU time and 15% with the cast copies kept; 230 -> 313
+    tokens/s. The copy is the very tensor autocast would make, so every product is unchanged, bit for bit; it
+    holds a bf16 copy of the linear weights (2 bytes per weight) while sampling."""
 
     FEW_ROWS = range(1, 49)
 
     def __init__(self, module: nn.Module):
         self.linears = [m for m in module.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"]
+        self.cast: dict[nn.Linear, torch.Tensor] = {}  # each weight in the active autocast's dtype
 
-    @staticmethod
-    def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def weight(self, linear: nn.Linear) -> torch.Tensor:
+        """`linear`'s weight as the active CPU autocast would cast it for a product (itself without autocast)."""
+        if not torch.is_autocast_enabled("cpu"):
+            return linear.weight
+        dtype = torch.get_autocast_dtype("cpu")
+        if linear.weight.dtype == dtype or not linear.weight.is_floating_point():
+            return linear.weight
+        w = self.cast.get(linear)
+        if w is None or w.dtype != dtype:
+            w = self.cast[linear] = linear.weight.to(dtype)
+        return w
+
+    def _forward(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight(linear)
         rows = x.numel() // x.shape[-1]
         if rows not in FewRowsProducts.FEW_ROWS:
-            return nn.functional.linear(x, linear.weight, linear.bias)
-        y = torch.mm(linear.weight, x.reshape(rows, x.shape[-1]).t()).t()
+            return nn.functional.linear(x, w, linear.bias)
+        y = torch.mm(w, x.reshape(rows, x.shape[-1]).t()).t()
         if linear.bias is not None:  # in the product's dtype, as F.linear under autocast
             y = y + linear.bias.to(y.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -184,6 +204,7 @@ class FewRowsProducts:
     def __exit__(self, *exc):
         for m in self.linears:
             m.__dict__.pop("forward", None)
+        self.cast.clear()
 
 
 class _LayerOutputs:

@@ -108,6 +108,40 @@ def test_few_rows_products_equal_linear_and_are_undone(bias):
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
 
 
+def test_under_bf16_autocast_each_weight_is_cast_once_and_every_product_is_unchanged():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24, bias=False))
+    few, many = torch.randn(32, 24), torch.randn(200, 24)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    with bf16():  # what autocast computes from the fp32 weights: the same orientations, cast at every product
+        want_few = (torch.mm(block[0].weight, few.t()).t() + block[0].bias.to(torch.bfloat16))
+        want_many = block[0](many)
+    products = FewRowsProducts(block)
+    with products, bf16():
+        got_few, got_many = block[0](few), block[0](many)
+        cast = products.cast[block[0]]
+        block(few)
+        assert products.cast[block[0]] is cast and cast.dtype == torch.bfloat16  # cast once, reused
+        assert set(products.cast) == {block[0], block[2]}
+    assert not products.cast  # dropped on exit
+    assert torch.equal(got_few, want_few) and torch.equal(got_many, want_many)  # bit for bit
+    with products:  # no autocast: the fp32 weights themselves, nothing cast
+        block(few)
+        assert not products.cast
+
+
+def test_bf16_sampling_draws_what_it_drew_with_a_cast_at_every_product(tiny, monkeypatch):
+    """The cast-once weights change no token, log-prob or entropy of a bf16 rollout: the same as when every
+    product casts the fp32 weight again (the behaviour before)."""
+    model, tokenizer = tiny
+    kw = dict(max_new_tokens=8, eos_ids=set(), pad_id=tokenizer.pad_token_id, seeds=[1, 2, 3, 4, 5],
+              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    cached = sample(model, _prompts(tokenizer), **kw)
+    monkeypatch.setattr(FewRowsProducts, "weight", lambda self, linear: linear.weight)
+    recast = sample(model, _prompts(tokenizer), **kw)
+    assert cached[:4] == recast[:4]
+
+
 def test_draw_tokens_follows_softmax_at_the_temperature():
     torch.manual_seed(0)
     logits = 2.0 * torch.randn(1, 400)

@@ -149,3 +149,27 @@ def test_results_schema_from_a_store(tmp_path):
         assert key in saved
     assert "| all 30 | ours_ppo | failed |" in saved["table_markdown"]
     assert (tmp_path / "res" / "throughput.png").stat().st_size > 1000
+
+
+def test_a_bf16_run_is_kept_apart_and_asks_every_contender_for_bf16(tmp_path, monkeypatch):
+    import hashlib
+
+    import rto.runtime
+
+    monkeypatch.setattr(rto.runtime, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="native bf16"):
+        tb.parse_args(["--precision", "bf16"])
+    monkeypatch.setattr(rto.runtime, "cpu_has_native_bf16", lambda: True)
+    fp32, bf16 = tb.parse_args([]), tb.parse_args(["--precision", "bf16"])
+    # fp32 keeps the key it had before the option existed (stored samples still match), bf16 gets its own
+    old = [fp32.rollout_size, fp32.max_new_tokens, fp32.minibatch_size, fp32.ppo_epochs, fp32.iterations,
+           fp32.system_prompt, fp32.before, fp32.seed]
+    assert tb.settings_key(fp32) == hashlib.sha256(json.dumps(old).encode()).hexdigest()[:10] != tb.settings_key(bf16)
+    models = {"base": "b", "rm": "r"}
+    for args, precision in ((fp32, "fp32"), (bf16, "bf16")):
+        argv = tb.ours_argv("ours_rto", 6, tmp_path, models, args)
+        assert argv[argv.index("--precision") + 1] == precision
+        assert tb.trl_spec(6, tmp_path, models, [], args)["bf16"] is (precision == "bf16")
+    assert (tb.results_name(fp32), tb.results_name(bf16)) == ("throughput", "throughput-bf16")
+    limits = {"decode_step_floor": {"ceiling_tokens_per_s": 300.0}}
+    assert tb.generation_ceiling(limits, "fp32") == 300.0 and tb.generation_ceiling(limits, "bf16") is None
