@@ -105,9 +105,18 @@ def average_gradients(params: list[torch.nn.Parameter], poison: bool = False) ->
         offset += n
 
 
+def env_flag(environ, var: str, default: bool = False) -> bool:
+    """A true/false variable as `accelerate launch` writes them ("true"/"false"; 1 and yes count as true)."""
+    return environ.get(var, str(default)).lower() in ("1", "true", "yes")
+
+
 def sharded_training() -> bool:
     """True when the launch asked accelerate for FSDP (ACCELERATE_USE_FSDP) and several processes run."""
-    return launched() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return launched() and env_flag(os.environ, "ACCELERATE_USE_FSDP")
+
+
+def _reshard_after_forward() -> bool:
+    return env_flag(os.environ, "FSDP_RESHARD_AFTER_FORWARD", default=True)
 
 
 def check_fsdp(environ) -> None:
@@ -118,7 +127,7 @@ def check_fsdp(environ) -> None:
                          "set fsdp_version: 2 in the accelerate config (as configs/accelerate/fsdp-*.yaml do)")
     for var, why in (("FSDP_OFFLOAD_PARAMS", "parameter offloading is not supported"),
                      ("FSDP_ACTIVATION_CHECKPOINTING", "use rto's --gradient_checkpointing true instead")):
-        if environ.get(var, "false").lower() in ("1", "true", "yes"):
+        if env_flag(environ, var):
             raise ValueError(f"the accelerate config sets {var} (fsdp_{var[5:].lower()}: true): {why}; set it to false")
 
 
@@ -139,7 +148,7 @@ def shard_trained(model: torch.nn.Module, role: str, note) -> int:
         raise ConfigError("--lora true and FSDP do not combine yet: launch LoRA runs with configs/accelerate/ddp-*.yaml "
                           "(the adapters are small; every process holds the base)")
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world()[1],))
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    reshard = _reshard_after_forward()
     layers = [layer for layer in decoder_of(model).layers if any(p.requires_grad for p in layer.parameters())]
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
@@ -192,10 +201,9 @@ def gathered(*models):
     try:
         yield
     finally:
-        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
         for layer in layers:
             layer.reshard()
-            layer.set_reshard_after_forward(reshard)
+            layer.set_reshard_after_forward(_reshard_after_forward())
 
 
 def full_state(obj):

@@ -88,15 +88,15 @@ def check_engine(environ) -> None:
     variables from its config's distributed_type): DeepSpeed and Megatron-LM would otherwise run as plain data
     parallel without saying so. FSDP is carried out by rto itself (rto.distributed.shard_trained), with the settings
     that rto.distributed.check_fsdp accepts."""
-    from rto.distributed import check_fsdp
+    from rto.distributed import check_fsdp, env_flag
 
-    asked = {var: name for var, name in ENGINES.items() if environ.get(var, "false").lower() in ("1", "true", "yes")}
+    asked = {var: name for var, name in ENGINES.items() if env_flag(environ, var)}
     if asked:
         raise ValueError(f"this launch asks for {' and '.join(asked.values())} ({', '.join(asked)} set by the "
                          "accelerate config); rto runs several processes as data parallel, or shards the trained "
                          "layers with FSDP: launch with configs/accelerate/ddp-*.yaml, fsdp-*.yaml or torchrun, "
                          "and use --lora true to fit a large policy (docs/scaling.md)")
-    if environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+    if env_flag(environ, "ACCELERATE_USE_FSDP"):
         check_fsdp(environ)
 
 
