@@ -104,7 +104,7 @@ def run(cfg: DPOConfig) -> dict:
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id).to(accelerator.device)
     n_shared = shared_trunk_layers([policy] + ([ref] if use_ref else []), cfg.train_layers, probe, run_.note)
-    shard_trained(policy, "policy", run_.note)  # FSDP launches: the trained layers split over the processes (rto.distributed)
+    shard_trained(policy, "policy", run_.note)  # FSDP launches: trained layers split over the processes
 
     def score(items, grad_policy: bool) -> PairScores:
         """What the loss reads of these pairs, and only that: reference log-probs unless reference-free,
@@ -148,8 +148,7 @@ def run(cfg: DPOConfig) -> dict:
         meta["reference_fingerprint"] = weights_fingerprint(ref)
     if cfg.lora:  # the folder holds the adapter only: its record names the base it needs
         meta.update(adapter_record(cfg.model, base_fingerprint))
-    with gathered(policy):
-        save_model(policy, tokenizer, run_.dir / "model", meta=meta)
+    save_model(policy, tokenizer, run_.dir / "model", meta=meta)
     run_.note(f"dpo ({cfg.loss}, {', '.join(f'{k} {v:g}' for k, v in hyper.items())}): {steps} steps; held-out "
               f"accuracy {summary.get('heldout_accuracy', float('nan')):.3f}, "
               f"margin {summary.get('heldout_reward_margin', float('nan')):.3f} -> {run_.dir / 'model'}")

@@ -516,15 +516,14 @@ def run(cfg: PPOConfig) -> dict:
             save_checkpoint(run_.dir, it, models, stateful, state, generators={"minibatches": gen},
                             keep=cfg.keep_checkpoints)
 
-    with gathered(policy, critic):
-        save_model(policy, tokenizer, run_.dir / "policy", meta={
-            "stage": "ppo", "reward": cfg.reward, "sources": weights,
-            "dpo_model": cfg.dpo_model if needs_dpo else None, "dpo_loss": dpo_record.get("loss"),
-            "beta_dpo": weights.get("dpo", weights.get("simpo")), "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl,
-            "beta_rm": cfg.beta_rm, "temperature": cfg.temperature, "granularity": cfg.granularity,
-            "estimator": cfg.estimator, "group_size": cfg.group_size, "loss_agg": cfg.loss_agg, **lora_meta})
-        if critic is not None:
-            save_model(critic, tokenizer, run_.dir / "critic")
+    save_model(policy, tokenizer, run_.dir / "policy", meta={
+        "stage": "ppo", "reward": cfg.reward, "sources": weights, "dpo_model": cfg.dpo_model if needs_dpo else None,
+        "dpo_loss": dpo_record.get("loss"), "beta_dpo": weights.get("dpo", weights.get("simpo")),
+        "dpo_clip": cfg.dpo_clip, "beta_kl": cfg.beta_kl, "beta_rm": cfg.beta_rm, "temperature": cfg.temperature,
+        "granularity": cfg.granularity, "estimator": cfg.estimator, "group_size": cfg.group_size,
+        "loss_agg": cfg.loss_agg, **lora_meta})
+    if critic is not None:
+        save_model(critic, tokenizer, run_.dir / "critic")
     last = history[-1]
     summary = {"iterations": cfg.iterations, "reward": cfg.reward, "sources": weights, "estimator": cfg.estimator,
                "granularity": cfg.granularity, "loss_agg": cfg.loss_agg, "final_gold": last["gold"], "final_kl": last["kl"],

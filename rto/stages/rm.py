@@ -76,7 +76,7 @@ def run(cfg: RMConfig) -> dict:
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id)
     n_frozen = shared_trunk_layers([model], cfg.train_layers, probe, run_.note)
-    shard_trained(model, "reward model", run_.note)  # FSDP launches: the trained layers split over the processes (rto.distributed)
+    shard_trained(model, "reward model", run_.note)  # FSDP launches: trained layers split over the processes
 
     def scores(batch, trunk):
         s = sequence_scores(token_values(model, batch, trunk, n_frozen), batch, cfg.pooling)
@@ -106,8 +106,7 @@ def run(cfg: RMConfig) -> dict:
     model.meta.update({k: summary[k] for k in ("reward_mean", "reward_std")})
     model.meta["trained_on"] = str(cfg.pairs)
     model.meta["pooling"] = cfg.pooling
-    with gathered(model):
-        save_model(model, tokenizer, run_.dir / "model", metrics=summary)
+    save_model(model, tokenizer, run_.dir / "model", metrics=summary)
     run_.note(f"rm: {steps} steps; train accuracy {summary['train_accuracy']:.3f}, held-out "
               f"{summary.get('heldout_accuracy', float('nan')):.3f} on {len(heldout)} pairs; "
               f"reward mean {summary['reward_mean']:.3f} std {summary['reward_std']:.3f} -> {run_.dir / 'model'}")

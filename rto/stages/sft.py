@@ -37,7 +37,7 @@ def run(cfg: SFTConfig) -> dict:
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id)
     n_frozen = shared_trunk_layers([model], cfg.train_layers, probe, run_.note)
-    shard_trained(model, "model", run_.note)  # FSDP launches: the trained layers split over the processes (rto.distributed)
+    shard_trained(model, "model", run_.note)  # FSDP launches: trained layers split over the processes
 
     def nll(items):
         batch = response_batch(tokenizer, [p.prompt for p in items], [(p.chosen, p.chosen_ended) for p in items],
@@ -48,12 +48,11 @@ def run(cfg: SFTConfig) -> dict:
     steps = fit(run_, accelerator, model, param_groups(model, cfg.lr), train, cfg,
                 lambda epoch, items: (nll(items), {}), "sft")
     summary = {"steps": steps, "train_rows": len(train)}
-    with gathered(model):
-        if heldout:
-            with accelerator.autocast():
-                losses = score_in_batches(lambda it: nll(it).reshape(1), heldout, cfg.batch_size)
-            summary["heldout_nll"] = float(losses.mean())
-        save_model(model, tokenizer, run_.dir / "model")
+    if heldout:
+        with gathered(model), accelerator.autocast():
+            losses = score_in_batches(lambda it: nll(it).reshape(1), heldout, cfg.batch_size)
+        summary["heldout_nll"] = float(losses.mean())
+    save_model(model, tokenizer, run_.dir / "model")
     run_.note(f"sft: {steps} steps; held-out nll {summary.get('heldout_nll', float('nan')):.3f} -> {run_.dir / 'model'}")
     run_.finish(summary)
     return summary
