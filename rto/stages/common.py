@@ -398,10 +398,12 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
     checkpoint and skips the batches it had already used, so it ends with the weights of an uninterrupted run.
     A NaN/inf loss or gradient skips the update (see NonFiniteGuard).
 
-    `loss_fn(epoch, items) -> (loss, stats)` builds and scores one batch (a mean over `items`). Returns the number
-    of steps. With several processes each takes its contiguous share of every batch (rto.distributed.share), weighs
-    its loss by its share (share_weight) and the gradients are averaged, so a step equals the one-process step on
-    the whole batch; the logged loss and stats are the batch's means.
+    `loss_fn(epoch, items) -> (loss, stats)` builds and scores one batch (a mean over `items`); a loss that is a
+    mean over something else (SFT's over response tokens) returns `(loss, stats, units)`, how many terms it
+    averages. Returns the number of steps. With several processes each takes its contiguous share of every batch
+    (rto.distributed.share), weighs its loss by its share of the units (share_weight) and the gradients are
+    averaged, so a step equals the one-process step on the whole batch; the logged loss and stats are the batch's
+    means.
     """
     from tqdm.auto import tqdm
 
@@ -419,20 +421,21 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
         for step, (epoch, items) in enumerate(batches(train, cfg.batch_size, cfg.epochs, cfg.seed), start=1):
             if step <= done:  # the data position of the checkpoint: these batches were trained on
                 continue
-            mine = share(items)
+            mine, units = share(items), 0
             if mine:
                 with accelerator.autocast():
-                    loss, stats = loss_fn(epoch, mine)
+                    loss, stats, *counted = loss_fn(epoch, mine)
+                units = float(counted[0]) if counted else len(mine)
             elif sharded_training():  # zero gradients, through the sharded layers' forward and backward as elsewhere
                 with accelerator.autocast():
                     loss, stats = loss_fn(epoch, items[:1])[0] * 0.0, {}
             else:  # a last batch smaller than the number of processes: this one contributes zero gradients
                 loss, stats = sum(p.sum() for p in params) * 0.0, {}
-            (grad_norm,) = backward_and_clip(accelerator, loss * share_weight(len(mine), len(items)), [params],
-                                             cfg.max_grad_norm)
-            # the batch's loss and stats: every process's means, weighed by its share
-            batch_loss, stats = batch_means(gather_lists([(len(mine), loss.item(),
-                                                           {k: float(v) for k, v in stats.items()})]))
+            # every process's (units, mean loss, mean stats): the weights of the shares, then the batch's means
+            shares = gather_lists([(units, loss.item(), {k: float(v) for k, v in stats.items()})])
+            (grad_norm,) = backward_and_clip(accelerator, loss * share_weight(units, sum(n for n, _, _ in shares)),
+                                             [params], cfg.max_grad_norm)
+            batch_loss, stats = batch_means(shares)
             if math.isfinite(grad_norm):
                 optimizer.step()
                 guard.ok()

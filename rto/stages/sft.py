@@ -40,17 +40,21 @@ def run(cfg: SFTConfig) -> dict:
     shard_trained(model, "model", run_.note)  # FSDP launches: trained layers split over the processes
 
     def nll(items):
+        """The mean NLL of the items' response tokens, and how many tokens it averages."""
         batch = response_batch(tokenizer, [p.prompt for p in items], [(p.chosen, p.chosen_ended) for p in items],
                                cfg.system_prompt, cfg.max_response_tokens)
         batch = batch.to(accelerator.device)
-        return nll_loss(model, batch, shared_trunk(model, batch, n_frozen), n_frozen)
+        return nll_loss(model, batch, shared_trunk(model, batch, n_frozen), n_frozen), int(batch.response_mask.sum())
 
-    steps = fit(run_, accelerator, model, param_groups(model, cfg.lr), train, cfg,
-                lambda epoch, items: (nll(items), {}), "sft")
+    def loss(epoch, items):  # a token mean: with several processes each share weighs by its tokens (fit)
+        value, tokens = nll(items)
+        return value, {}, tokens
+
+    steps = fit(run_, accelerator, model, param_groups(model, cfg.lr), train, cfg, loss, "sft")
     summary = {"steps": steps, "train_rows": len(train)}
     if heldout:
         with gathered(model), accelerator.autocast():
-            losses = score_in_batches(lambda it: nll(it).reshape(1), heldout, cfg.batch_size)
+            losses = score_in_batches(lambda it: nll(it)[0].reshape(1), heldout, cfg.batch_size)
         summary["heldout_nll"] = float(losses.mean())
     save_model(model, tokenizer, run_.dir / "model")
     run_.note(f"sft: {steps} steps; held-out nll {summary.get('heldout_nll', float('nan')):.3f} -> {run_.dir / 'model'}")
