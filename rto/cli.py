@@ -15,7 +15,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_pa
 
 from rto.checkpoint import CheckpointError
 from rto.data import MAX_ROW_BYTES, DataError, check
-from rto.distributed import broadcast, close, is_main
+from rto.distributed import broadcast, close, is_main, leave
 from rto.runtime import NonFiniteError, finished_summary
 from rto.stages import pipeline
 from rto.stages.registry import STAGES, build_config, one_line
@@ -59,6 +59,17 @@ def _config(config_cls, ns) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `rto` command; returns its exit status (0 done, 1 stopped, 2 bad input, 130 interrupted). A launched
+    process of several exits here instead (rto.distributed.leave)."""
+    try:
+        code = _command(argv)
+    except BaseException:
+        close()  # several processes: an error that escapes leaves the process group all the same
+        raise
+    return leave(code)
+
+
+def _command(argv: list[str] | None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # rto shows its own bars; hide the per-file loading bars
@@ -97,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rto {command}: interrupted; run the same command again to continue from the last checkpoint",
               file=sys.stderr)
         return 130
-    finally:
-        close()  # several processes: leave the process group before the interpreter exits
 
 
 if __name__ == "__main__":

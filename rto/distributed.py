@@ -254,6 +254,29 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def leave(code: int) -> int:
+    """End a command with exit status `code`. With one process, return it. With several, a command that
+    succeeded waits for every process to get here (process 0 may still be writing, e.g. the report), then all
+    leave the process group (close) and exit at once through os._exit, past the interpreter's teardown: there a
+    finished process was still aborted now and then by a C++ thread left running ("terminate called without an
+    active exception", SIGABRT), which torchrun reports as the whole run failing. Files are closed by then
+    (Run.close); stdout, stderr and logging are flushed first."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        close()
+        return code
+    import logging
+    import os
+    import sys
+
+    if code == 0:
+        barrier()
+    close()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def barrier() -> None:
     """Wait until every process gets here (e.g. before reading what process 0 wrote)."""
     if world()[1] > 1:
