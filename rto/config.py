@@ -52,7 +52,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{name: _int_at_least(1) for name in (
         "batch_size", "epochs", "iterations", "rollout_size", "minibatch_size", "ppo_epochs", "num_prompts",
         "max_new_tokens", "max_prompt_tokens", "max_response_tokens", "generation_batch_size", "score_batch_size",
-        "train_layers", "keep_checkpoints", "threads", "kl_horizon")},
+        "train_layers", "keep_checkpoints", "threads", "kl_horizon", "micro_batch_size")},
     **{name: _int_at_least(0) for name in ("checkpoint_every", "max_nonfinite_steps", "heatmaps", "top_k", "seed")},
     "samples_per_prompt": _int_at_least(2),
     **{name: _positive() for name in (

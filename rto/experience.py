@@ -71,6 +71,11 @@ class Experience:
             rows=_pick(self.rows, index),
         )
 
+    def split(self, size: int):
+        """Consecutive pieces of at most `size` sequences (micro-batches of a minibatch)."""
+        for start in range(0, len(self), size):
+            yield self.select(torch.arange(start, min(start + size, len(self))))
+
     def minibatches(self, size: int, generator: torch.Generator):
         """A random partition of the rollout into minibatches of `size` sequences."""
         perm = torch.randperm(len(self), generator=generator)

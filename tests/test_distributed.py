@@ -3,6 +3,8 @@ torchrun on 2 processes against 1 process on the same global batches."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import subprocess
@@ -155,6 +157,58 @@ def _fsdp_checks(rank: int, init: str, results) -> None:
 _BATCH = torch.linspace(-1, 1, 16).reshape(4, 4)
 
 
+class _Autocast:
+    """The two Accelerator methods batch_gradients uses, at fp32."""
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def _micro_batch_checks(rank: int, init: str, results) -> None:
+    """batch_gradients over 3 rows on 2 processes (shares of 1 and 2 rows) in micro-batches of 1, the first layer
+    sharded with FSDP2: process 0 makes a zero pass so that both run two backwards (each reduces inside)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rto.stages.common import Optimization, batch_gradients
+
+    os.environ.update(WORLD_SIZE="2", ACCELERATE_USE_FSDP="true")  # what a launch sets (rto.distributed)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model = _small_model()
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (2,)))
+        passes = []
+
+        def loss_fn(epoch, rows):
+            passes.append(len(rows))
+            return model(_BATCH[rows]).pow(2).mean(), {"rows": float(len(rows))}
+
+        cfg = Optimization(max_grad_norm=0.1, micro_batch_size=1)
+        norm, loss, stats = batch_gradients(_Autocast(), list(model.parameters()), loss_fn, 0, [0, 1, 2], cfg)
+        results[rank] = {"norm": norm, "loss": loss, "stats": stats, "passes": passes,
+                         "grads": [rd.full(p.grad).tolist() for p in model.parameters()]}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_uneven_shares_in_micro_batches_make_the_whole_batch_gradient(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_micro_batch_checks, args=(f"file://{tmp_path / 'store'}", results), nprocs=2)
+    model = _small_model()  # one process, the 3 rows at once
+    loss = model(_BATCH[:3]).pow(2).mean()
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1))
+    assert results[0]["passes"] == [1, 1] and results[1]["passes"] == [1, 1]  # process 0's second is the zero pass
+    for out in (results[0], results[1]):
+        assert out["norm"] == pytest.approx(norm, rel=1e-6) and norm > 0.1
+        assert out["loss"] == pytest.approx(float(loss.detach()), rel=1e-6) and out["stats"] == {"rows": 1.0}
+        for got, p in zip(out["grads"], model.parameters()):
+            assert torch.allclose(torch.tensor(got), p.grad, atol=1e-7)
+
+
 def _small_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
@@ -182,8 +236,10 @@ FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_
 
 
 def _env(extra: dict | None = None) -> dict:
-    # one thread per process: 2 processes on the 2 cores, and the 1-process run on the same arithmetic
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra or {})}
+    # one thread per process: 2 processes on the 2 cores, and the 1-process run on the same arithmetic; a process
+    # that crashes in C++ (SIGABRT, SIGSEGV) prints its Python stack in the log
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1",
+            **(extra or {})}
 
 
 def start(processes: int, *args: str, logs: Path, script: list[str] | None = None,
@@ -232,7 +288,7 @@ def launch(processes: int, *args: str, logs: Path, script: list[str] | None = No
     return finish(start(processes, *args, logs=logs, script=script, env=env), timeout)
 
 
-def _recipe(tmp_path: Path, model: str, out: Path) -> Path:
+def _recipe(tmp_path: Path, model: str, out: Path, micro_batch_size: int | None = None) -> Path:
     # minibatch = rollout (and one update per pass): the same global minibatches in 1 and 2 processes
     ppo = dict(policy=model, reward_model="{run}/rm/model", iterations=2, rollout_size=8, minibatch_size=8,
                ppo_epochs=2, max_new_tokens=8, actor_lr=1e-3, critic_lr=1e-3)
@@ -240,7 +296,8 @@ def _recipe(tmp_path: Path, model: str, out: Path) -> Path:
         "out": str(out),
         # fp32: the comparisons are of data parallelism's arithmetic; under bf16 (the default on CPUs with native bf16)
         # a process's half-batch rounds otherwise than the whole batch and the samples part from the first token
-        "defaults": {"seed": 0, "train_layers": 2, "progress": False, "threads": 1, "precision": "fp32"},
+        "defaults": {"seed": 0, "train_layers": 2, "progress": False, "threads": 1, "precision": "fp32",
+                     "micro_batch_size": micro_batch_size},
         "stages": [
             {"stage": "pairs", "policy": model, "num_prompts": 16, "max_new_tokens": 8, "samples_per_prompt": 3},
             {"stage": "sft", "model": model, "data": "{run}/pairs/pairs.jsonl", "batch_size": 4, "lr": 1e-3},
@@ -274,13 +331,16 @@ def _within_a_hundredth_of_training(start: dict, one: dict, two: dict) -> tuple[
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
-    """The pipeline on 1 process, on 2 (data parallel) and on 2 with FSDP ("fsdp"), the same recipe."""
+    """The pipeline on 1 process, on 2 (data parallel) and on 2 with FSDP ("fsdp"), the same recipe; the FSDP run
+    takes each process's share of a batch in micro-batches of 1 (a share smaller than the other's makes zero
+    passes to match its number of backwards, as FSDP's backward is collective)."""
     tmp = tmp_path_factory.mktemp("distributed")
     folders = {n: tmp / f"p{n}" for n in (1, 2, "fsdp")}
-    done = side_by_side({n: start(2 if n == "fsdp" else n, "pipeline", str(_recipe(tmp, tiny_model, folders[n])),
-                                  logs=tmp / f"logs{n}", env=FSDP if n == "fsdp" else None) for n in (1, 2, "fsdp")})
+    recipes = {n: _recipe(tmp, tiny_model, folders[n], 1 if n == "fsdp" else None) for n in folders}
+    done = side_by_side({n: start(2 if n == "fsdp" else n, "pipeline", str(recipes[n]), logs=tmp / f"logs{n}",
+                                  env=FSDP if n == "fsdp" else None) for n in folders})
     for n in done:
-        assert done[n].returncode == 0, done[n].stderr[-3000:]
+        assert done[n].returncode == 0, f"run {n}: {done[n].stderr[-3000:]}"
     return {n: (folders[n], done[n]) for n in done}
 
 

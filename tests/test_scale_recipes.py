@@ -66,10 +66,12 @@ LORA_STAGES = ("dpo", "ppo", "rto")  # the reward model and critic are separate 
 # what lora-24gb.yaml changes from paper-8b.yaml: models and sizes only
 SMOL, SMOL_RM = "HuggingFaceTB/SmolLM2-1.7B-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct"
 PPO_24GB = {"policy": SMOL, "iterations": 125, "rollout_size": 64, "minibatch_size": 8, "max_new_tokens": 512,
-            "generation_batch_size": 16, "score_batch_size": 8, "max_prompt_tokens": 512}
+            "generation_batch_size": 16, "score_batch_size": 8, "max_prompt_tokens": 512, "micro_batch_size": None}
 CHANGES_24GB = {
-    "rm": {"model": SMOL_RM, "batch_size": 4, "max_response_tokens": 512, "max_prompt_tokens": 512},
-    "dpo": {"model": SMOL, "batch_size": 8, "max_response_tokens": 512, "max_prompt_tokens": 512},
+    "rm": {"model": SMOL_RM, "batch_size": 4, "max_response_tokens": 512, "max_prompt_tokens": 512,
+           "micro_batch_size": None},
+    "dpo": {"model": SMOL, "batch_size": 8, "max_response_tokens": 512, "max_prompt_tokens": 512,
+            "micro_batch_size": None},
     "ppo": PPO_24GB, "rto": PPO_24GB,
     "eval": {"models": [f"sft={SMOL}", "dpo={run}/dpo/model", "ppo={run}/ppo/policy", "rto={run}/rto/policy"],
              "ref": SMOL, "num_prompts": 500, "max_new_tokens": 512, "batch_size": 16, "max_prompt_tokens": 512},
@@ -157,6 +159,9 @@ def test_paper_recipe_holds_the_papers_numbers(tmp_path, lora):
         assert cfg[stage].iterations * cfg[stage].rollout_size >= ULTRAFEEDBACK_PROMPTS
         assert (cfg[stage].iterations - 1) * cfg[stage].rollout_size < ULTRAFEEDBACK_PROMPTS
     assert cfg["rto"].rollout_size // cfg["rto"].minibatch_size == 8  # 8 updates per rollout
+    # the paper's batches, in micro-batches of 4 per GPU (16 pairs, 32 pairs, 16 responses per GPU and step)
+    assert {stage: cfg[stage].micro_batch_size for stage in ("rm", "dpo", "ppo", "rto")} == dict.fromkeys(
+        ("rm", "dpo", "ppo", "rto"), 4)
     assert all(c.precision == "bf16" and c.train_layers is None for c in cfg.values() if hasattr(c, "train_layers"))
     assert cfg["eval"].prompts == "data/ultrafeedback/test_prompts.jsonl"
 

@@ -99,6 +99,11 @@ class Optimization:
     max_nonfinite_steps: int = 3
     """Updates in a row that may be skipped for a NaN/inf loss, gradient or reward before the stage stops;
     >= 0."""
+    micro_batch_size: int | None = None
+    """Items (pairs; rto ppo: responses) per forward and backward pass in each process: a batch's share is
+    split into micro-batches whose gradients add up before the one update, which is the whole batch's up to
+    float rounding, with a micro-batch's activations in memory instead of the share's; null = the whole share
+    at once; >= 1."""
 
 
 @dataclass
@@ -391,6 +396,61 @@ def batch_means(shares: list[tuple[int, float, dict[str, float]]]) -> tuple[floa
     return loss, {k: sum(n * stats[k] for n, _, stats in shares) / total for k in shares[0][2]}
 
 
+def batch_gradients(accelerator, params: list, loss_fn, epoch: int, items: list, cfg: Optimization
+                    ) -> tuple[float, float, dict[str, float]]:
+    """The gradient of one batch's mean loss in `params`, averaged over processes and clipped (fit); returns
+    (gradient norm before clipping, the batch's mean loss, its mean stats).
+
+    Each process takes its contiguous share of `items` (rto.distributed.share). At once, when the share fits in
+    cfg.micro_batch_size: its loss, weighed by W * units / total units of the batch (share_weight), is
+    backpropagated. Otherwise in micro-batches j of at most micro_batch_size items, every process the same
+    number of passes (FSDP's backward is collective): sum_j units_j * loss_j is backpropagated one j at a time,
+    and the summed gradient is scaled by W / total units, which gives the same weighted mean.
+    """
+    from rto.distributed import gather_lists, is_sharded, share, share_weight, sharded_training, world
+
+    mine = share(items)
+    size = cfg.micro_batch_size or len(items)
+    passes = math.ceil(math.ceil(len(items) / world()[1]) / size)  # the largest share's micro-batches
+    if passes == 1:
+        units = 0
+        if mine:
+            with accelerator.autocast():
+                loss, stats, *counted = loss_fn(epoch, mine)
+            units = float(counted[0]) if counted else len(mine)
+        elif sharded_training():  # zero gradients, through the sharded layers' forward and backward as elsewhere
+            with accelerator.autocast():
+                loss, stats = loss_fn(epoch, items[:1])[0] * 0.0, {}
+        else:  # a last batch smaller than the number of processes: this one contributes zero gradients
+            loss, stats = sum(p.sum() for p in params) * 0.0, {}
+        # every process's (units, mean loss, mean stats): the weights of the shares, then the batch's means
+        shares = gather_lists([(units, loss.item(), {k: float(v) for k, v in stats.items()})])
+        (grad_norm,) = backward_and_clip(accelerator, loss * share_weight(units, sum(n for n, _, _ in shares)),
+                                         [params], cfg.max_grad_norm)
+        return grad_norm, *batch_means(shares)
+    ok, units, loss_sum, stat_sums = True, 0.0, 0.0, {}
+    for j in range(passes):
+        part = mine[j * size : (j + 1) * size]
+        if part:
+            with accelerator.autocast():
+                loss, stats, *counted = loss_fn(epoch, part)
+            n = float(counted[0]) if counted else len(part)
+            ok = backward(accelerator, loss * n) and ok
+            units, loss_sum = units + n, loss_sum + loss.item() * n
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + float(v) * n
+        elif sharded_training():  # a smaller share: a zero pass, so that every process runs as many backwards
+            with accelerator.autocast():
+                backward(accelerator, loss_fn(epoch, items[:1])[0] * 0.0)
+    shares = gather_lists([(units, loss_sum / units if units else 0.0, {k: v / units for k, v in stat_sums.items()})])
+    scale = share_weight(1.0, sum(n for n, _, _ in shares))
+    for p in params:
+        if p.grad is not None:
+            (p.grad.to_local() if is_sharded(p) else p.grad).mul_(scale)
+    (grad_norm,) = clip_gradients([params], cfg.max_grad_norm, ok)
+    return grad_norm, *batch_means(shares)
+
+
 def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: PairTraining, loss_fn, desc: str) -> int:
     """The optimisation loop of the offline stages: AdamW with warm-up and cosine decay over shuffled
     batches of `train`; loss -> backward -> clip -> step, one log row per step; a checkpoint every
@@ -400,14 +460,12 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
 
     `loss_fn(epoch, items) -> (loss, stats)` builds and scores one batch (a mean over `items`); a loss that is a
     mean over something else (SFT's over response tokens) returns `(loss, stats, units)`, how many terms it
-    averages. Returns the number of steps. With several processes each takes its contiguous share of every batch
-    (rto.distributed.share), weighs its loss by its share of the units (share_weight) and the gradients are
-    averaged, so a step equals the one-process step on the whole batch; the logged loss and stats are the batch's
-    means.
+    averages. Returns the number of steps. A step's gradient is batch_gradients': with several processes each
+    takes its contiguous share of every batch, weighed by its share of the units, and the gradients are averaged;
+    with cfg.micro_batch_size a share goes through in micro-batches. Either way a step equals the one-process step
+    on the whole batch (up to float rounding); the logged loss and stats are the batch's means.
     """
     from tqdm.auto import tqdm
-
-    from rto.distributed import gather_lists, share, share_weight, sharded_training
 
     total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     optimizer, scheduler = make_optimizer(groups, total, cfg)
@@ -421,21 +479,7 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
         for step, (epoch, items) in enumerate(batches(train, cfg.batch_size, cfg.epochs, cfg.seed), start=1):
             if step <= done:  # the data position of the checkpoint: these batches were trained on
                 continue
-            mine, units = share(items), 0
-            if mine:
-                with accelerator.autocast():
-                    loss, stats, *counted = loss_fn(epoch, mine)
-                units = float(counted[0]) if counted else len(mine)
-            elif sharded_training():  # zero gradients, through the sharded layers' forward and backward as elsewhere
-                with accelerator.autocast():
-                    loss, stats = loss_fn(epoch, items[:1])[0] * 0.0, {}
-            else:  # a last batch smaller than the number of processes: this one contributes zero gradients
-                loss, stats = sum(p.sum() for p in params) * 0.0, {}
-            # every process's (units, mean loss, mean stats): the weights of the shares, then the batch's means
-            shares = gather_lists([(units, loss.item(), {k: float(v) for k, v in stats.items()})])
-            (grad_norm,) = backward_and_clip(accelerator, loss * share_weight(units, sum(n for n, _, _ in shares)),
-                                             [params], cfg.max_grad_norm)
-            batch_loss, stats = batch_means(shares)
+            grad_norm, batch_loss, stats = batch_gradients(accelerator, params, loss_fn, epoch, items, cfg)
             if math.isfinite(grad_norm):
                 optimizer.step()
                 guard.ok()

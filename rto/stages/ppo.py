@@ -435,25 +435,35 @@ def run(cfg: PPOConfig) -> dict:
         with timed(times, "time_update_s"):
             for _ in range(cfg.ppo_epochs if not bad else 0):
                 for mb in exp.minibatches(cfg.minibatch_size // n_proc, gen):
-                    b, m = mb.batch, mb.batch.response_mask
-                    weight = 1.0
-                    if n_proc > 1:  # this process's share of the minibatch's tokens (token_mean) or responses
-                        units = float(m.sum()) if cfg.loss_agg == "token_mean" else float(len(m))
-                        weight = share_weight(units, float(all_sum(units)))
-                    # separate parameters: each loss reaches its own model, so each is backpropagated as soon as it
-                    # is computed (the policy's activations are freed before the critic's forward); both models
-                    # step only if both losses and all gradients are finite
-                    with accelerator.autocast():
-                        logp = token_logprobs(policy, b, mb.trunk, n_shared, cfg.temperature)
-                        pg_loss, pg_stats = policy_loss(logp, mb.tokens.logp, mb.tokens.advantages, m, cfg.clip,
-                                                        cfg.loss_agg)
-                    ok = backward(accelerator, pg_loss * weight)
-                    if critic is not None:
+                    # micro-batches of this process's share (all of it without micro_batch_size); each loss weighs
+                    # by the micro-batch's share of the whole minibatch's tokens (token_mean) or responses, over
+                    # every process: share_weight(units, total) = W * units / total, 1 for one process and one part
+                    parts = list(mb.split(cfg.micro_batch_size or len(mb)))
+                    units = [float(p.batch.response_mask.sum()) if cfg.loss_agg == "token_mean" else float(len(p))
+                             for p in parts]
+                    total = float(all_sum(sum(units))) if n_proc > 1 else sum(units)
+                    ok, logged = True, {}
+                    for part, n in zip(parts, units):
+                        b, m, weight = part.batch, part.batch.response_mask, share_weight(n, total)
+                        # separate parameters: each loss reaches its own model, so each is backpropagated as soon
+                        # as it is computed (the policy's activations are freed before the critic's forward); both
+                        # models step only if both losses and all gradients are finite
                         with accelerator.autocast():
-                            values = critic_values(token_values(critic, b, mb.trunk, n_shared), b)
-                            vf_loss, vf_stats = value_loss(values, mb.tokens.values, mb.tokens.returns, m,
-                                                           cfg.value_clip, cfg.loss_agg)
-                        ok = backward(accelerator, vf_loss * weight) and ok
+                            logp = token_logprobs(policy, b, part.trunk, n_shared, cfg.temperature)
+                            pg_loss, pg_stats = policy_loss(logp, part.tokens.logp, part.tokens.advantages, m,
+                                                            cfg.clip, cfg.loss_agg)
+                        ok = backward(accelerator, pg_loss * weight) and ok
+                        part_stats = {"policy_loss": pg_loss, **pg_stats}
+                        if critic is not None:
+                            with accelerator.autocast():
+                                values = critic_values(token_values(critic, b, part.trunk, n_shared), b)
+                                vf_loss, vf_stats = value_loss(values, part.tokens.values, part.tokens.returns, m,
+                                                               cfg.value_clip, cfg.loss_agg)
+                            ok = backward(accelerator, vf_loss * weight) and ok
+                            part_stats.update({"value_loss": vf_loss, **vf_stats})
+                        for k, v in part_stats.items():  # this process's minibatch means, over its micro-batches
+                            v = float(v.detach() if torch.is_tensor(v) else v) * n / sum(units)
+                            logged[k] = logged.get(k, 0.0) + v
                     grad_norms = clip_gradients([params for params, _, _ in trained.values()], cfg.max_grad_norm, ok)
                     if all(math.isfinite(norm) for norm in grad_norms):
                         for _, opt, _ in trained.values():
@@ -464,12 +474,9 @@ def run(cfg: PPOConfig) -> dict:
                     for _, opt, sched in trained.values():
                         sched.step()
                         opt.zero_grad(set_to_none=True)
-                    logged = {"policy_loss": pg_loss, **pg_stats}
                     logged.update({f"{name}_grad_norm": norm for name, norm in zip(trained, grad_norms)})
-                    if critic is not None:
-                        logged.update({"value_loss": vf_loss, **vf_stats})
                     for k, v in logged.items():
-                        stats.setdefault(k, []).append(float(v.detach() if torch.is_tensor(v) else v))
+                        stats.setdefault(k, []).append(v)
 
         # logging (and the adaptive KL controller, which acts on the next rollout)
         kl = sequence_kl(tok.logp, tok.logp_ref, mask)
