@@ -138,23 +138,46 @@ def shard_trained(model: torch.nn.Module, role: str, note) -> int:
     wrapped weights become DTensors)."""
     if not sharded_training():
         return 0
+    from rto.models import decoder_of
+
+    reshard = _reshard_after_forward()
+    layers = [layer for layer in decoder_of(model).layers if any(p.requires_grad for p in layer.parameters())]
+    _shard_layers(model, layers, reshard)
+    note(f"fsdp: the {role}'s {len(layers)} trained layers sharded over {world()[1]} processes (each holds 1/"
+         f"{world()[1]} of their weights, gradients and AdamW states; reshard after forward: {str(reshard).lower()})")
+    return len(layers)
+
+
+def shard_frozen(model: torch.nn.Module, role: str, n_shared: int, note) -> int:
+    """Under sharded training, wrap the decoder layers of a frozen role (reference, DPO model, reward model) above
+    the `n_shared` bottom layers that every role shares (rto.trunk, kept whole) with FSDP2's fully_shard, resharded
+    after every forward: a process holds 1/W of their weights and gathers one layer at a time while the role scores.
+    Every process must then run as many forward passes of the role (its layers gather collectively), which the
+    stages keep by giving each process an equal share. Returns how many layers were wrapped (0 without sharding)."""
+    if not sharded_training():
+        return 0
+    from rto.models import decoder_of
+
+    layers = list(decoder_of(model).layers)[n_shared:]
+    _shard_layers(model, layers, True)
+    note(f"fsdp: the {role}'s {len(layers)} frozen layers above the shared trunk sharded over {world()[1]} processes "
+         f"(each holds 1/{world()[1]} of their weights, gathered one layer at a time as it scores)")
+    return len(layers)
+
+
+def _shard_layers(model: torch.nn.Module, layers: list, reshard: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from rto.config import ConfigError
-    from rto.models import decoder_of, is_peft_model
+    from rto.models import is_peft_model
 
     if is_peft_model(model):
         raise ConfigError("--lora true and FSDP do not combine yet: launch LoRA runs with configs/accelerate/ddp-*.yaml "
                           "(the adapters are small; every process holds the base)")
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world()[1],))
-    reshard = _reshard_after_forward()
-    layers = [layer for layer in decoder_of(model).layers if any(p.requires_grad for p in layer.parameters())]
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-    note(f"fsdp: the {role}'s {len(layers)} trained layers sharded over {world()[1]} processes (each holds 1/"
-         f"{world()[1]} of their weights, gradients and AdamW states; reshard after forward: {str(reshard).lower()})")
-    return len(layers)
 
 
 def is_sharded(t: torch.Tensor) -> bool:

@@ -194,6 +194,54 @@ def _micro_batch_checks(rank: int, init: str, results) -> None:
         dist.destroy_process_group()
 
 
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+_IDS = torch.arange(12).reshape(2, 6) * 3 % 50
+
+
+def _frozen_checks(rank: int, init: str, results) -> None:
+    """A frozen role with its layers above a 2-layer shared trunk sharded (rto.distributed.shard_frozen)."""
+    from rto.distributed import shard_frozen
+
+    os.environ.update(WORLD_SIZE="2", ACCELERATE_USE_FSDP="true")  # what a launch sets (rto.distributed)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, notes = _tiny_llama(), []
+        wrapped = shard_frozen(model, "reference", 2, notes.append)
+        layers = model.model.layers
+        with torch.no_grad():
+            logits = model(_IDS).logits
+        results[rank] = {
+            "wrapped": wrapped, "note": notes[0],
+            "sharded": [any(rd.is_sharded(p) for p in layer.parameters()) for layer in layers],
+            "local": sum(p.to_local().numel() for p in layers[3].parameters()),
+            "whole": sum(p.numel() for p in layers[3].parameters()),
+            "logits": logits.tolist(),
+            "after": [all(rd.is_sharded(p) for p in layer.parameters()) for layer in layers[2:]],  # resharded
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_frozen_roles_hold_a_share_of_their_own_layers_and_score_as_whole_models(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_frozen_checks, args=(f"file://{tmp_path / 'store'}", results), nprocs=2)
+    with torch.no_grad():
+        expected = _tiny_llama()(_IDS).logits
+    for out in (results[0], results[1]):
+        assert out["wrapped"] == 2 and "reference's 2 frozen layers above the shared trunk sharded over 2" in out["note"]
+        assert out["sharded"] == [False, False, True, True]  # the shared trunk stays whole
+        assert out["local"] * 2 == out["whole"] and out["after"] == [True, True]
+        assert torch.allclose(torch.tensor(out["logits"]), expected, atol=1e-6)
+
+
 def test_uneven_shares_in_micro_batches_make_the_whole_batch_gradient(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_micro_batch_checks, args=(f"file://{tmp_path / 'store'}", results), nprocs=2)
@@ -377,12 +425,16 @@ def test_two_processes_train_the_weights_one_process_trains(runs, tiny_model, st
     assert diff < 0.02 * moved, f"{stage}/{folder}: 1 vs 2 processes differ by {diff:.3g}, training moved {moved:.3g}"
 
 
-def test_fsdp_shards_the_trained_layers_and_writes_what_one_process_writes(runs):
+def test_fsdp_shards_the_trained_and_frozen_layers_and_writes_what_one_process_writes(runs):
     (one, _), (sharded, done) = runs[1], runs["fsdp"]
     for stage, roles in (("sft", ["model"]), ("rm", ["reward model"]), ("dpo", ["policy"]), ("rto", ["policy", "critic"])):
         log = (sharded / stage / "log.txt").read_text()
         for role in roles:  # the tiny model's 2 trained layers (train_layers 2), each process holding half
             assert f"fsdp: the {role}'s 2 trained layers sharded over 2 processes" in log, (stage, role)
+    for stage, roles in (("dpo", ["reference"]), ("rto", ["reference", "DPO model", "reward model"])):
+        log = (sharded / stage / "log.txt").read_text()
+        for role in roles:  # the frozen roles' own 2 layers above the 2 shared ones
+            assert f"fsdp: the {role}'s 2 frozen layers above the shared trunk sharded over 2" in log, (stage, role)
     assert (sharded / "pairs" / "pairs.jsonl").read_text() == (one / "pairs" / "pairs.jsonl").read_text()
     assert (sharded / "report.md").exists() and json.loads((sharded / "eval" / "eval.json").read_text())["table"]
     assert done.stdout.count("pipeline: rto (ppo)") == 1

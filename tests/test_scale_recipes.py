@@ -241,6 +241,28 @@ def test_parameter_counts_and_memory_totals_are_computed_right():
     assert f"{one_base_gib(SMOL, SMOL_RM):.2f} GiB" == "13.45 GiB" and "13.45 GiB" in header
 
 
+def test_fsdp_full_fine_tuning_memory_is_computed_right():
+    """docs/scaling.md's per-GPU memory of the 8B setting without LoRA under FSDP on 8 GPUs: decoder layers
+    sharded (trained 16 B, frozen 4 B per weight), embeddings, final norms and heads whole."""
+    text = DOC.read_text()
+    llama, llama_rm = real_model("meta-llama/Llama-3.1-8B-Instruct"), real_model("meta-llama/Llama-3.2-1B-Instruct")
+    split = []
+    for model in (llama, llama_rm):
+        layers = sum(p.numel() for p in model.model.layers.parameters())
+        split.append((layers, sum(p.numel() for p in model.parameters()) - layers))
+    (big_layers, big_rest), (rm_layers, rm_rest) = split
+    for n in (big_layers, big_rest, rm_layers, rm_rest):
+        assert f"{n:,}" in text
+    parts = [16 * (big_layers + rm_layers) / 8, 16 * (big_rest + rm_rest), 4 * (2 * big_layers + rm_layers) / 8,
+             4 * (2 * big_rest + rm_rest)]
+    for part in parts:
+        assert f"{part / GIB:.2f} GiB" in text
+    assert f"{sum(parts) / GIB:.2f} GiB" == "50.14 GiB" and "50.14 GiB" in text
+    whole_frozen = 4 * (2 * (big_layers + big_rest) + rm_layers + rm_rest)
+    assert f"{(sum(parts[:2]) + whole_frozen) / GIB:.2f} GiB" == "98.82 GiB" and "98.82 GiB" in text
+    assert f"{(parts[1] + parts[3]) / GIB:.2f} GiB" == "28.38 GiB" and "28.38 GiB" in text
+
+
 # ---- data: the doc's preparation on stand-in hub datasets --------------------------------------------------------
 def _messages(user: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]

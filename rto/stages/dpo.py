@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rto.config import ConfigError
-from rto.distributed import gathered, shard_trained
+from rto.distributed import gathered, shard_frozen, shard_trained
 from rto.lora import LoraOptions, adapter_record, attach_adapter, base_view, enable_gradient_checkpointing, same_model
 from rto.losses import PREFERENCE_LOSSES, PairScores, sequence_logprob, sequential_kl
 from rto.models import DEFAULT_MODEL, load_causal_lm, save_model, set_trainable, weights_fingerprint
@@ -104,7 +104,11 @@ def run(cfg: DPOConfig) -> dict:
     probe = probe_batch(encode_prompts(tokenizer, [p.prompt for p in train[:2]], cfg.system_prompt),
                         tokenizer.pad_token_id).to(accelerator.device)
     n_shared = shared_trunk_layers([policy] + ([ref] if use_ref else []), cfg.train_layers, probe, run_.note)
+    # the reference's digest, recorded with the model (whole weights, before any sharding)
+    ref_fingerprint = weights_fingerprint(ref) if use_ref else None
     shard_trained(policy, "policy", run_.note)  # FSDP launches: trained layers split over the processes
+    if use_ref:  # and the frozen reference's own layers (every process scores as many batches: rto.stages.common)
+        shard_frozen(ref, "reference", n_shared, run_.note)
 
     def score(items, grad_policy: bool) -> PairScores:
         """What the loss reads of these pairs, and only that: reference log-probs unless reference-free,
@@ -145,7 +149,7 @@ def run(cfg: DPOConfig) -> dict:
     meta = {"stage": "dpo", "loss": cfg.loss, "beta": hyper["beta"], "alpha": hyper.get("alpha"),
             "gamma": hyper.get("gamma"), "reference": (cfg.ref or cfg.model) if use_ref else None}
     if use_ref:
-        meta["reference_fingerprint"] = weights_fingerprint(ref)
+        meta["reference_fingerprint"] = ref_fingerprint
     if cfg.lora:  # the folder holds the adapter only: its record names the base it needs
         meta.update(adapter_record(cfg.model, base_fingerprint))
     save_model(policy, tokenizer, run_.dir / "model", meta=meta)

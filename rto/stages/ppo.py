@@ -32,7 +32,7 @@ from rto.lora import LoraOptions, enable_gradient_checkpointing, one_base_roles
 from rto.losses import LOSS_AGGREGATIONS, policy_loss, value_loss
 from rto.checkpoint import load_checkpoint, save_checkpoint
 from rto.distributed import (all_sum, any_true, gather_lists, gathered, masked_moments, mean_over_processes,
-                             shard_trained, share_bounds, share_weight, world)
+                             shard_frozen, shard_trained, share_bounds, share_weight, world)
 from rto.models import DEFAULT_MODEL, ValueModel, load_causal_lm, read_meta, save_model, set_trainable, weights_fingerprint
 from rto.rewards import (REWARD_SOURCES, adaptive_kl_coef, check_sources, compose_rewards, normalised_rm_score,
                          sentence_ends, sequence_kl, token_pieces)
@@ -326,6 +326,9 @@ def run(cfg: PPOConfig) -> dict:
     for role, model in (("policy", policy), ("critic", critic)):  # FSDP launches: the trained layers split over
         if model is not None:                                   # the processes (rto.distributed)
             shard_trained(model, role, run_.note)
+    for role, key in (("reference", "ref"), ("DPO model", "dpo"), ("reward model", "rm")):  # and the frozen roles'
+        if roles[key] is not None:                              # own layers (each process scores an equal share)
+            shard_frozen(roles[key], role, n_shared, run_.note)
     rm_stats = roles["rm"].reward_stats()
     if rm_stats is None:
         run_.note(f"ppo: {cfg.reward_model} has no reward statistics; scores are used unnormalised")
