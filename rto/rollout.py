@@ -328,21 +328,24 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
             shared = (trunk[rows].to(b.input_ids.device) if trunk is not None and n_shared
                       else shared_trunk(ref, b, n_shared))
+            # one vocabulary-sized logits tensor at a time: the policy's, used and freed, then the reference's
+            if policy is not None:
+                pol_logits = response_logits(policy, b, shared, n_shared)
+                out["logp"] = logprobs_from_logits(pol_logits, b, temperature)
+                if entropy:
+                    out["entropy"] = entropy_from_logits(pol_logits, b, temperature)
+                del pol_logits
             ref_logits = response_logits(ref, b, shared, n_shared)
             out["logp_ref"] = logprobs_from_logits(ref_logits, b, temperature)
             if policy is None:
                 out["logp"] = out["logp_ref"]
-                pol_logits = ref_logits
-            else:
-                pol_logits = response_logits(policy, b, shared, n_shared)
-                out["logp"] = logprobs_from_logits(pol_logits, b, temperature)
-            if entropy:
-                out["entropy"] = entropy_from_logits(pol_logits, b, temperature)
-            del pol_logits
+                if entropy:
+                    out["entropy"] = entropy_from_logits(ref_logits, b, temperature)
             if dpo is not None:
                 out["logp_ref_t1"] = out["logp_ref"] if temperature == 1.0 else logprobs_from_logits(ref_logits, b)
-                out["logp_dpo"] = token_logprobs(dpo, b, shared, n_shared)
             del ref_logits
+            if dpo is not None:
+                out["logp_dpo"] = token_logprobs(dpo, b, shared, n_shared)
             if critic is not None:
                 out["values"] = critic_values(token_values(critic, b, shared, n_shared), b)
             if rm is not None:
