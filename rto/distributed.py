@@ -224,9 +224,10 @@ def gathered(*models):
     try:
         yield
     finally:
+        reshard = _reshard_after_forward()
         for layer in layers:
             layer.reshard()
-            layer.set_reshard_after_forward(_reshard_after_forward())
+            layer.set_reshard_after_forward(reshard)
 
 
 def full_state(obj):

@@ -4,7 +4,6 @@ torchrun on 2 processes against 1 process on the same global batches."""
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import subprocess

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from rto.config import ConfigError
 from rto.stages import dpo, rm, sft
+from tests.test_distributed import _weights
 from tests.test_ppo_stage import run_ppo, trained_weights
 
 STAGES = {"sft": (sft.SFTConfig, sft.run, "data"), "rm": (rm.RMConfig, rm.run, "pairs"),
@@ -20,11 +21,6 @@ STAGES = {"sft": (sft.SFTConfig, sft.run, "data"), "rm": (rm.RMConfig, rm.run, "
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(folder: Path) -> dict:
-    name = "model.safetensors" if (folder / "model.safetensors").exists() else "value_head.safetensors"
-    return load_file(str(folder / name))
 
 
 def _close_steps(whole: list[dict], micro: list[dict], keys: list[str]) -> None:

@@ -409,6 +409,10 @@ def batch_gradients(accelerator, params: list, loss_fn, epoch: int, items: list,
     """
     from rto.distributed import gather_lists, is_sharded, share, share_weight, sharded_training, world
 
+    def zero_loss():  # zero gradients through the sharded layers' forward and backward (FSDP reduces inside)
+        with accelerator.autocast():
+            return loss_fn(epoch, items[:1])[0] * 0.0
+
     mine = share(items)
     size = cfg.micro_batch_size or len(items)
     passes = math.ceil(math.ceil(len(items) / world()[1]) / size)  # the largest share's micro-batches
@@ -418,9 +422,8 @@ def batch_gradients(accelerator, params: list, loss_fn, epoch: int, items: list,
             with accelerator.autocast():
                 loss, stats, *counted = loss_fn(epoch, mine)
             units = float(counted[0]) if counted else len(mine)
-        elif sharded_training():  # zero gradients, through the sharded layers' forward and backward as elsewhere
-            with accelerator.autocast():
-                loss, stats = loss_fn(epoch, items[:1])[0] * 0.0, {}
+        elif sharded_training():
+            loss, stats = zero_loss(), {}
         else:  # a last batch smaller than the number of processes: this one contributes zero gradients
             loss, stats = sum(p.sum() for p in params) * 0.0, {}
         # every process's (units, mean loss, mean stats): the weights of the shares, then the batch's means
@@ -440,8 +443,7 @@ def batch_gradients(accelerator, params: list, loss_fn, epoch: int, items: list,
             for k, v in stats.items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + float(v) * n
         elif sharded_training():  # a smaller share: a zero pass, so that every process runs as many backwards
-            with accelerator.autocast():
-                backward(accelerator, loss_fn(epoch, items[:1])[0] * 0.0)
+            backward(accelerator, zero_loss())
     shares = gather_lists([(units, loss_sum / units if units else 0.0, {k: v / units for k, v in stat_sums.items()})])
     scale = share_weight(1.0, sum(n for n, _, _ in shares))
     for p in params:

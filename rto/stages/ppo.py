@@ -444,7 +444,8 @@ def run(cfg: PPOConfig) -> dict:
                     parts = list(mb.split(cfg.micro_batch_size or len(mb)))
                     units = [float(p.batch.response_mask.sum()) if cfg.loss_agg == "token_mean" else float(len(p))
                              for p in parts]
-                    total = float(all_sum(sum(units))) if n_proc > 1 else sum(units)
+                    local = sum(units)
+                    total = float(all_sum(local))  # over every process (local with one process)
                     ok, logged = True, {}
                     for part, n in zip(parts, units):
                         b, m, weight = part.batch, part.batch.response_mask, share_weight(n, total)
@@ -465,7 +466,7 @@ def run(cfg: PPOConfig) -> dict:
                             ok = backward(accelerator, vf_loss * weight) and ok
                             part_stats.update({"value_loss": vf_loss, **vf_stats})
                         for k, v in part_stats.items():  # this process's minibatch means, over its micro-batches
-                            v = float(v.detach() if torch.is_tensor(v) else v) * n / sum(units)
+                            v = float(v.detach() if torch.is_tensor(v) else v) * n / local
                             logged[k] = logged.get(k, 0.0) + v
                     grad_norms = clip_gradients([params for params, _, _ in trained.values()], cfg.max_grad_norm, ok)
                     if all(math.isfinite(norm) for norm in grad_norms):
