@@ -9,8 +9,8 @@ pass computes them). It spends less on the way:
   - a row leaves the batch (and the KV cache) as soon as it has drawn an EOS;
   - the KV cache is written in place into buffers sized for the whole response (PreallocatedLayer), instead of
     being concatenated into a new tensor at every step, which copies all of it;
-  - the lm_head product runs as W @ h^T, which is faster at a few rows than h @ W^T (rto.sequences.lm_logits),
-    and so do the decoder's own linear layers while the loop runs (FewRowsProducts);
+  - every linear layer's weight (the LM head's too) is cast and packed once for the loop, in the layout oneDNN's
+    matmul reads, instead of at every product (PackedProducts);
 With `trunk_layers=n` it also returns the hidden states after the bottom n layers at every prompt and response
 token: what the scoring pass would otherwise recompute as the shared trunk (rto.trunk.trunk_hidden).
 Each row draws its noise from its own generator (seeded from the global RNG), so the tokens of a row do not
@@ -20,7 +20,7 @@ depend on which other rows share its batch, when they finish, or how the prompts
 from __future__ import annotations
 
 from contextlib import nullcontext
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from torch import nn
@@ -42,8 +42,8 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
     return n
 
 
-def draw_tokens(logits: torch.Tensor, temperature: float, greedy: bool,
-                generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_tokens(logits: torch.Tensor, temperature: float, greedy: bool, generators: list[torch.Generator] | None,
+                work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token per row from fp32 `logits` [b, V], its log-prob and the distribution's entropy:
     (tokens [b], log pi_T(token) [b], H = -sum_v pi_T(v) log pi_T(v) [b]).
 
@@ -51,16 +51,23 @@ def draw_tokens(logits: torch.Tensor, temperature: float, greedy: bool,
     u ~ U(0, 1) from generators[i] for row i, the token is the first v with cumsum(pi_T)_v > u * sum(pi_T), so
     P(v) = pi_T(v) (up to fp32 rounding of the running sum, < 1e-7 per token) and each row's draw depends on
     its own stream only.
+
+    `work`, a float tensor of at least [b, V] (its first b rows are overwritten), holds the entropy's terms and
+    then the CDF: a decode loop that passes the same one at every step writes them into memory it already
+    has, instead of two fresh vocabulary-sized blocks whose pages the kernel must hand over at every step
+    (on a 2-core VM, 5.6k -> 0.9k page faults per batch-32 step; the same numbers).
     """
     probs = torch.softmax(logits if greedy or temperature == 1.0 else logits / temperature, dim=-1)
+    work = work[: len(probs)] if work is not None else None
+    entropy = torch.special.entr(probs, out=work).sum(-1)
     if greedy:
         tokens = logits.argmax(-1)
     else:
-        cdf = probs.cumsum(-1)
+        cdf = torch.cumsum(probs, -1, out=work)
         u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
         tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
         tokens = tokens.clamp_(max=cdf.shape[-1] - 1)
-    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log(), torch.special.entr(probs).sum(-1)
+    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log(), entropy
 
 
 def row_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -151,49 +158,69 @@ def _prefill(decoder, prompts: list[list[int]], pad_id: int, capacity: int
     return cache, mask, positions[:, -1:] + 1, hidden, n, width
 
 
-class FewRowsProducts:
-    """While active, every plain nn.Linear under `module` on the CPU computes y = x W^T + b as (W x^T)^T + b when
-    x has FEW_ROWS rows (a decode step's batch): the same product, which the CPU's BLAS runs 1.1-1.6x faster in
-    that orientation for a decoder's matrices at 16-48 rows (fp32, 2-core AVX2: SmolLM2's gate/up 1.38 -> 0.84 ms,
-    down 0.89 -> 0.73 ms, q/o 0.43 -> 0.35 ms at 32 rows). The result is a transposed view (the next layer's
-    product then reads a contiguous x^T); it equals F.linear up to float summation order. It starts at 1 row
-    (about even there) so that a row sampled alone and in a batch go through the same products. Other row
-    counts, other devices and subclasses (peft's LoRA wrappers, whose inner Linear layers are patched) run as
-    usual.
+@lru_cache(maxsize=None)
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """True when this torch build runs a CPU linear layer in `dtype` through oneDNN with a weight packed ahead of
+    time (torch.ops.mkldnn._reorder_linear_weight and _linear_pointwise, the ops torch.compile's CPU backend
+    uses for frozen weights) and the CPU does that dtype natively (bf16 needs AVX512-BF16 or AMX); checked once
+    on a small product against F.linear."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(8, 16, generator=g).to(dtype), torch.randn(3, 16, generator=g).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return y.dtype == dtype and torch.allclose(y.float(), nn.functional.linear(x, w).float(), rtol=0.02, atol=0.02)
 
-    Under a lower-precision autocast (bf16), each weight is cast once while active and the cast copy reused at
-    every step: autocast casts an fp32 weight again at every product (it caches only weights that require
-    gradients, and only until its block ends, i.e. within one step). On a 2-core AMX CPU (SmolLM2-135M, 32 prompts
-    x 40 tokens) copies were 42% of a bf16 decode loop's CPU time and 15% with the cast copies kept; 230 -> 313
-    tokens/s. The copy is the very tensor autocast would make, so every product is unchanged, bit for bit; it
-    holds a bf16 copy of the linear weights (2 bytes per weight) while sampling."""
 
-    FEW_ROWS = range(1, 49)
+class PackedProducts:
+    """While active, every plain nn.Linear on the CPU under `modules` computes y = x W^T + b with its weight
+    prepared once for the whole decode loop instead of at every product:
 
-    def __init__(self, module: nn.Module):
-        self.linears = [m for m in module.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"]
-        self.cast: dict[nn.Linear, torch.Tensor] = {}  # each weight in the active autocast's dtype
+      - in the dtype the product runs in: the active CPU autocast's (bf16) or the weight's own. autocast casts an
+        fp32 weight again at every product (it caches only weights that require gradients, and only until its
+        block ends); a cast kept for the loop is the very tensor it would make;
+      - packed in the blocked layout oneDNN's matmul reads (onednn_packs), so no product reorders it. On a 2-core
+        AMD EPYC (AVX512) at a decode step's 32 rows, fp32: the 49k x 576 LM head 19.5 -> 6.5 ms, SmolLM2's
+        1536 x 576 layers 0.35 -> 0.16 ms (torch's default fp32 BLAS there, MKL, runs them 2-3x slower);
+        with oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) 18.7 -> 11.3 ms and 0.34 -> 0.27 ms; bf16 about even.
 
-    def weight(self, linear: nn.Linear) -> torch.Tensor:
-        """`linear`'s weight as the active CPU autocast would cast it for a product (itself without autocast)."""
-        if not torch.is_autocast_enabled("cpu"):
-            return linear.weight
-        dtype = torch.get_autocast_dtype("cpu")
-        if linear.weight.dtype == dtype or not linear.weight.is_floating_point():
-            return linear.weight
-        w = self.cast.get(linear)
-        if w is None or w.dtype != dtype:
-            w = self.cast[linear] = linear.weight.to(dtype)
-        return w
+    Results equal F.linear up to float summation order in fp32 (oneDNN sums in another order than MKL); bf16
+    products are oneDNN's either way. Without oneDNN's packed linear (another build, or a dtype the CPU does not
+    run natively) the kept cast weight goes through F.linear. Other devices and subclasses (peft's LoRA wrappers,
+    whose inner Linear layers are patched) run as usual. It holds one prepared copy of each weight while active
+    (4 bytes per weight in fp32, 2 in bf16)."""
+
+    def __init__(self, *modules: nn.Module):
+        self.linears = list(dict.fromkeys(m for module in modules for m in module.modules()
+                                          if type(m) is nn.Linear and m.weight.device.type == "cpu"))
+        self.prepared: dict[nn.Linear, tuple[torch.dtype, torch.Tensor, torch.Tensor | None, bool]] = {}
+
+    def prepare(self, linear: nn.Linear) -> tuple[torch.dtype, torch.Tensor, torch.Tensor | None, bool]:
+        """(dtype, weight, bias, packed): `linear`'s weight and bias in the dtype its product runs in now, the
+        weight packed for oneDNN when `packed`; made at the first product in that dtype and kept."""
+        dtype = linear.weight.dtype
+        if torch.is_autocast_enabled("cpu") and dtype.is_floating_point:
+            dtype = torch.get_autocast_dtype("cpu")
+        kept = self.prepared.get(linear)
+        if kept is None or kept[0] != dtype:
+            w = linear.weight.detach().to(dtype)
+            b = None if linear.bias is None else linear.bias.detach().to(dtype)
+            packed = onednn_packs(dtype)
+            kept = self.prepared[linear] = (dtype, torch.ops.mkldnn._reorder_linear_weight(w, None) if packed else w,
+                                            b, packed)
+        return kept
 
     def _forward(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight(linear)
-        rows = x.numel() // x.shape[-1]
-        if rows not in FewRowsProducts.FEW_ROWS:
-            return nn.functional.linear(x, w, linear.bias)
-        y = torch.mm(w, x.reshape(rows, x.shape[-1]).t()).t()
-        if linear.bias is not None:  # in the product's dtype, as F.linear under autocast
-            y = y + linear.bias.to(y.dtype)
+        dtype, w, b, packed = self.prepare(linear)
+        if not packed:
+            return nn.functional.linear(x.to(dtype), w, b)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype).reshape(-1, x.shape[-1]), w, b, "none", [], "")
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def __enter__(self):
@@ -204,7 +231,7 @@ class FewRowsProducts:
     def __exit__(self, *exc):
         for m in self.linears:
             m.__dict__.pop("forward", None)
-        self.cast.clear()
+        self.prepared.clear()
 
 
 class _LayerOutputs:
@@ -254,7 +281,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
     generators = None if greedy else row_generators(seeds)
     record = _LayerOutputs(decoder.layers[trunk_layers - 1]) if trunk_layers else None
     run = autocast if autocast is not None else nullcontext
-    products = FewRowsProducts(decoder)
+    products = PackedProducts(decoder, model.lm_head)
     try:
         products.__enter__()
         with run():
@@ -272,6 +299,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
         mask, positions, hidden = mask[source], positions[source], hidden[source]
         active = list(range(len(prompts)))  # the original index of each row still in the batch
         eos = torch.tensor(sorted(eos_ids), device=device)
+        work = None  # draw_tokens' workspace, [rows, V], made at the first step
 
         def leave(done: torch.Tensor, *rows: torch.Tensor):
             """Drop the rows that drew EOS from the cache, `active` and `rows` (each indexed by batch row)."""
@@ -280,8 +308,11 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
             return [active[k] for k in keep.tolist()], *(r[keep] for r in rows)
 
         for step in range(max_new_tokens):
-            drawn, logp, entropy = draw_tokens(lm_logits(model, hidden), temperature, greedy,
-                                               None if greedy else [generators[i] for i in active])
+            logits = lm_logits(model, hidden)
+            if work is None:
+                work = torch.empty_like(logits)
+            drawn, logp, entropy = draw_tokens(logits, temperature, greedy,
+                                               None if greedy else [generators[i] for i in active], work)
             done = torch.isin(drawn, eos)
             for i, tok, lp, h, fin in zip(active, drawn.tolist(), logp.tolist(), entropy.tolist(), done.tolist()):
                 tokens[i].append(tok)

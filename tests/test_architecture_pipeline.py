@@ -276,7 +276,7 @@ def test_the_sampler_keeps_the_trunk_the_scoring_pass_computes_on(arch, tokenize
     real = b.attention_mask.bool()
     want = trunk_hidden(model, FROZEN, b.input_ids, b.attention_mask, b.position_ids)
     # hidden states of up to ~12 here, summed in another order by the decode step's products (rto.decoding.
-    # FewRowsProducts): within a few ulps of their size (measured: at most 1.0e-5 at 10.5, llama)
+    # PackedProducts): within a few ulps of their size (measured: at most 1.0e-5 at 10.5, llama)
     torch.testing.assert_close(kept.trunk[real], want[real], rtol=1e-5, atol=ATOL,
                                msg=lambda m: f"{arch}: the sampler's trunk is off: {m}")
     assert not kept.trunk[~real].any()  # padding is 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rto.decoding
-from rto.decoding import (FewRowsProducts, PreallocatedLayer, draw_tokens, row_generators, sample,
+from rto.decoding import (PackedProducts, PreallocatedLayer, draw_tokens, onednn_packs, row_generators, sample,
                           shared_prefix_length)
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rto.rollout import _generate_transformers, encode_prompts, eos_ids, generate
@@ -86,60 +86,74 @@ def test_stored_logprobs_equal_a_fresh_forward(tiny, temperature):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_few_rows_products_equal_linear_and_are_undone(bias):
+def test_packed_products_equal_linear_and_are_undone(bias):
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias), torch.nn.SiLU(), torch.nn.Linear(40, 24, bias=bias))
-    inputs = [torch.randn(rows, 24) for rows in (1, 3, 4, 32, 48, 49, 200)] + [torch.randn(8, 1, 24), torch.randn(3, 5, 24)]
+    big = torch.randn(4, 7, 24)
+    inputs = [torch.randn(rows, 24) for rows in (1, 3, 32, 200)] + [torch.randn(8, 1, 24), big[:, -1], big]
     plain = [block(x) for x in inputs]
-    with FewRowsProducts(block):
+    products = PackedProducts(block)
+    with products:
         turned = [block(x) for x in inputs]
         assert all("forward" in layer.__dict__ for layer in (block[0], block[2]))
-        assert block[0](inputs[3]).stride(0) == 1  # 32 rows: computed as (W x^T)^T
-        assert block[0](inputs[6]).is_contiguous()  # 200 rows: as nn.Linear does
-    assert not any("forward" in layer.__dict__ for layer in block)  # undone
-    for x, want, got in zip(inputs, plain, turned):
-        assert got.shape == want.shape
+        assert {kept[3] for kept in products.prepared.values()} == {onednn_packs(torch.float32)}
+    assert not any("forward" in layer.__dict__ for layer in block) and not products.prepared  # undone
+    for x, want, got in zip(inputs, plain, turned):  # fp32: the same sums in another order
+        assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products, and a bf16 result as nn.Linear gives
-        want = block(inputs[3])
-        with FewRowsProducts(block):
-            got = block(inputs[3])
-    assert got.dtype == want.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
 
 
-def test_under_bf16_autocast_each_weight_is_cast_once_and_every_product_is_unchanged():
+def test_under_bf16_autocast_each_weight_is_prepared_once_and_every_product_is_autocasts():
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24, bias=False))
-    few, many = torch.randn(32, 24), torch.randn(200, 24)
+    few, many = torch.randn(32, 24), torch.randn(3, 70, 24)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    with bf16():  # what autocast computes from the fp32 weights: the same orientations, cast at every product
-        want_few = (torch.mm(block[0].weight, few.t()).t() + block[0].bias.to(torch.bfloat16))
-        want_many = block[0](many)
-    products = FewRowsProducts(block)
+    with bf16():  # what autocast computes from the fp32 weights, casting them at every product
+        want_few, want_many = block(few), block(many)
+    products = PackedProducts(block)
     with products, bf16():
-        got_few, got_many = block[0](few), block[0](many)
-        cast = products.cast[block[0]]
+        got_few, got_many = block(few), block(many)
+        kept = products.prepared[block[0]]
         block(few)
-        assert products.cast[block[0]] is cast and cast.dtype == torch.bfloat16  # cast once, reused
-        assert set(products.cast) == {block[0], block[2]}
-    assert not products.cast  # dropped on exit
-    assert torch.equal(got_few, want_few) and torch.equal(got_many, want_many)  # bit for bit
-    with products:  # no autocast: the fp32 weights themselves, nothing cast
+        assert products.prepared[block[0]] is kept and kept[0] == torch.bfloat16  # prepared once, reused
+        assert set(products.prepared) == {block[0], block[2]}
+    assert not products.prepared  # dropped on exit
+    assert got_few.dtype == got_many.dtype == torch.bfloat16
+    torch.testing.assert_close(got_few, want_few, rtol=0.01, atol=0.01)  # bf16 rounding of the results
+    torch.testing.assert_close(got_many, want_many, rtol=0.01, atol=0.01)
+    with products:  # no autocast: the fp32 weights
         block(few)
-        assert not products.cast
+        assert products.prepared[block[0]][0] == torch.float32
 
 
-def test_bf16_sampling_draws_what_it_drew_with_a_cast_at_every_product(tiny, monkeypatch):
-    """The cast-once weights change no token, log-prob or entropy of a bf16 rollout: the same as when every
-    product casts the fp32 weight again (the behaviour before)."""
+def test_a_build_without_onednn_packing_runs_the_kept_weights_through_linear(monkeypatch):
+    """Without oneDNN's packed linear (another build, or bf16 on a CPU without native bf16), the prepared weight
+    is the cast copy and the product is F.linear's, bit for bit."""
+    monkeypatch.setattr(rto.decoding, "onednn_packs", lambda dtype: False)
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(24, 40), torch.randn(32, 24)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            want = layer(x)
+            with PackedProducts(layer) as products:
+                got = layer(x)
+                assert not products.prepared[layer][3]
+        assert torch.equal(got, want)
+
+
+def test_bf16_sampling_draws_what_plain_autocast_products_draw(tiny, monkeypatch):
+    """The prepared (cast, packed) weights change no token, and the log-probs and entropies only by the float
+    rounding of the bf16 products: against a rollout whose every product casts the fp32 weight again and runs
+    through F.linear (the behaviour without PackedProducts)."""
     model, tokenizer = tiny
     kw = dict(max_new_tokens=8, eos_ids=set(), pad_id=tokenizer.pad_token_id, seeds=[1, 2, 3, 4, 5],
               autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    cached = sample(model, _prompts(tokenizer), **kw)
-    monkeypatch.setattr(FewRowsProducts, "weight", lambda self, linear: linear.weight)
-    recast = sample(model, _prompts(tokenizer), **kw)
-    assert cached[:4] == recast[:4]
+    prepared = sample(model, _prompts(tokenizer), **kw)
+    monkeypatch.setattr(PackedProducts, "__enter__", lambda self: self)
+    plain = sample(model, _prompts(tokenizer), **kw)
+    assert prepared[:2] == plain[:2]
+    for ours, theirs in zip(prepared[2:4], plain[2:4]):
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=0, atol=0.02)
 
 
 def test_draw_tokens_follows_softmax_at_the_temperature():
@@ -157,6 +171,23 @@ def test_draw_tokens_follows_softmax_at_the_temperature():
         assert wrong_stat > chi_square_bound(wrong_dof)
     assert torch.allclose(logp, torch.log_softmax(logits[0] / temperature, -1)[tokens], atol=1e-5)
     assert torch.allclose(entropy, -(probs * probs.log()).sum(), atol=1e-5)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_draw_tokens_in_a_workspace_draws_the_same(greedy):
+    """A workspace larger than the batch (rows left the loop) holds the entropy terms and the CDF: the same
+    tokens, log-probs and entropies, bit for bit, and the logits untouched."""
+    torch.manual_seed(0)
+    logits = 3.0 * torch.randn(5, 300)
+    kept = logits.clone()
+    work = torch.full((8, 300), float("nan"))
+    gens = lambda: None if greedy else row_generators(range(5))  # noqa: E731
+    fresh = draw_tokens(logits, 0.8, greedy, gens())
+    reused = draw_tokens(logits, 0.8, greedy, gens(), work)
+    for a, b in zip(fresh, reused):
+        assert torch.equal(a, b)
+    assert torch.equal(logits, kept)
+    assert not work[:5].isnan().any() and work[5:].isnan().all()  # the first 5 rows written, no more
 
 
 def test_sampled_first_tokens_follow_the_model(tiny_model):
