@@ -27,6 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from rto.distributed import is_sharded
 from rto.models import decoder_of
 from rto.sequences import lm_logits
 from rto.trunk import bottom_view
@@ -162,9 +163,12 @@ def _prefill(decoder, prompts: list[list[int]], pad_id: int, capacity: int
 def onednn_packs(dtype: torch.dtype) -> bool:
     """True when this torch build runs a CPU linear layer in `dtype` through oneDNN with a weight packed ahead of
     time (torch.ops.mkldnn._reorder_linear_weight and _linear_pointwise, the ops torch.compile's CPU backend
-    uses for frozen weights) and the CPU does that dtype natively (bf16 needs AVX512-BF16 or AMX); checked once
-    on a small product against F.linear."""
-    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+    uses for frozen weights) on a CPU with AVX512 that does that dtype natively (bf16 needs AVX512-BF16 or AMX);
+    checked once on a small product against F.linear. On an AVX2-only AMD EPYC, an earlier trial of oneDNN's
+    prepacked weights ran a decode step's layers slower than torch's default BLAS (230 against 197 ms a step),
+    so there the products stay with that BLAS."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available() \
+            or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return False
     try:
         if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -191,19 +195,30 @@ class PackedProducts:
         with oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) 18.7 -> 11.3 ms and 0.34 -> 0.27 ms; bf16 about even.
 
     Results equal F.linear up to float summation order in fp32 (oneDNN sums in another order than MKL); bf16
-    products are oneDNN's either way. Without oneDNN's packed linear (another build, or a dtype the CPU does not
-    run natively) the kept cast weight goes through F.linear. Other devices and subclasses (peft's LoRA wrappers,
-    whose inner Linear layers are patched) run as usual. It holds one prepared copy of each weight while active
-    (4 bytes per weight in fp32, 2 in bf16)."""
+    products are oneDNN's either way. Without oneDNN's packed products (onednn_packs: another build, a CPU
+    without AVX512, or a dtype the CPU does not run natively) the kept cast weight goes through torch's BLAS, at
+    FEW_ROWS rows (a decode step's batch) as (W x^T)^T, which that BLAS runs 1.1-1.6x faster than x W^T for a
+    decoder's matrices at 16-48 rows (fp32, 2-core AVX2 EPYC: SmolLM2's gate/up 1.38 -> 0.84 ms at 32 rows; it
+    starts at 1 row, so that a row sampled alone and in a batch go through the same products). Other devices and subclasses (peft's LoRA wrappers,
+    whose inner Linear layers are patched) run as usual, and so does a product that autograd must record (a
+    weight or an input that requires gradients, with gradients on) or whose weight is a shard (FSDP). It holds
+    one prepared copy of each weight while active (4 bytes per weight in fp32, 2 in bf16).
 
-    def __init__(self, *modules: nn.Module):
+    keep=False, for forwards at many rows (the scoring pass: hundreds of rows a product, so that packing a weight
+    costs little next to its product): every fp32 product packs its weight and lets it go, holding one packed
+    weight at a time; under autocast every product runs as usual (oneDNN's bf16 product, autocast's cast)."""
+
+    FEW_ROWS = 48
+
+    def __init__(self, *modules: nn.Module, keep: bool = True):
+        self.keep = keep
         self.linears = list(dict.fromkeys(m for module in modules for m in module.modules()
                                           if type(m) is nn.Linear and m.weight.device.type == "cpu"))
         self.prepared: dict[nn.Linear, tuple[torch.dtype, torch.Tensor, torch.Tensor | None, bool]] = {}
 
     def prepare(self, linear: nn.Linear) -> tuple[torch.dtype, torch.Tensor, torch.Tensor | None, bool]:
         """(dtype, weight, bias, packed): `linear`'s weight and bias in the dtype its product runs in now, the
-        weight packed for oneDNN when `packed`; made at the first product in that dtype and kept."""
+        weight packed for oneDNN when `packed`; made at the first product in that dtype and kept (with keep)."""
         dtype = linear.weight.dtype
         if torch.is_autocast_enabled("cpu") and dtype.is_floating_point:
             dtype = torch.get_autocast_dtype("cpu")
@@ -212,15 +227,25 @@ class PackedProducts:
             w = linear.weight.detach().to(dtype)
             b = None if linear.bias is None else linear.bias.detach().to(dtype)
             packed = onednn_packs(dtype)
-            kept = self.prepared[linear] = (dtype, torch.ops.mkldnn._reorder_linear_weight(w, None) if packed else w,
-                                            b, packed)
+            kept = (dtype, torch.ops.mkldnn._reorder_linear_weight(w, None) if packed else w, b, packed)
+            if self.keep:
+                self.prepared[linear] = kept
         return kept
 
     def _forward(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad)) \
+                or is_sharded(linear.weight) or (not self.keep and torch.is_autocast_enabled("cpu")):
+            return nn.functional.linear(x, linear.weight, linear.bias)
         dtype, w, b, packed = self.prepare(linear)
-        if not packed:
+        rows = x.numel() // x.shape[-1]
+        if packed:
+            y = torch.ops.mkldnn._linear_pointwise(x.to(dtype).reshape(rows, -1), w, b, "none", [], "")
+        elif rows > self.FEW_ROWS:
             return nn.functional.linear(x.to(dtype), w, b)
-        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype).reshape(-1, x.shape[-1]), w, b, "none", [], "")
+        else:  # a transposed view: the next product reads a contiguous x^T
+            y = torch.mm(w, x.to(dtype).reshape(rows, -1).t()).t()
+            if b is not None:
+                y = y + b
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def __enter__(self):

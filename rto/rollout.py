@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from rto.decoding import sample
+from rto.decoding import PackedProducts, sample
 from rto.sequences import (SeqBatch, collate, critic_values, cut_at_eos, entropy_from_logits, logprobs_from_logits,
                            response_logits, sequence_scores, shared_trunk, token_logprobs, token_values)
 
@@ -321,11 +321,13 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
     and [B] tensors: rm_raw (rm given; pooled as the reward model was trained); trunk when keep_trunk.
     """
     cols: dict[str, list] = {}
+    # fp32 products on the CPU through oneDNN, each weight packed as it is used (rto.decoding.PackedProducts)
+    products = PackedProducts(*(m for m in (ref, policy, dpo, critic, rm) if m is not None), keep=False)
     for start in range(0, len(batch), chunk):
         rows = slice(start, start + chunk)
         b = batch.select(rows).to(device or batch.input_ids.device)
         out = {}
-        with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+        with autocast() if autocast is not None else torch.autocast("cpu", enabled=False), products:
             shared = (trunk[rows].to(b.input_ids.device) if trunk is not None and n_shared
                       else shared_trunk(ref, b, n_shared))
             # one vocabulary-sized logits tensor at a time: the policy's, used and freed, then the reference's

@@ -107,8 +107,8 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     head = model.lm_head
     with torch.autocast(hidden.device.type, enabled=False):
         # one 2-D product: a 3-D slice that is not contiguous would run as a batched product (the decode loop runs
-        # the head's product with a packed weight: rto.decoding.PackedProducts)
-        logits = head(hidden.float().reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+        # the head's product with a packed weight, or as (W h^T)^T: rto.decoding.PackedProducts)
+        logits = head(hidden.float().reshape(-1, hidden.shape[-1])).contiguous().view(*hidden.shape[:-1], -1)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -93,7 +93,7 @@ def test_packed_products_equal_linear_and_are_undone(bias):
     inputs = [torch.randn(rows, 24) for rows in (1, 3, 32, 200)] + [torch.randn(8, 1, 24), big[:, -1], big]
     plain = [block(x) for x in inputs]
     products = PackedProducts(block)
-    with products:
+    with products, torch.no_grad():  # (a product autograd must record runs as nn.Linear: see below)
         turned = [block(x) for x in inputs]
         assert all("forward" in layer.__dict__ for layer in (block[0], block[2]))
         assert {kept[3] for kept in products.prepared.values()} == {onednn_packs(torch.float32)}
@@ -111,7 +111,7 @@ def test_under_bf16_autocast_each_weight_is_prepared_once_and_every_product_is_a
     with bf16():  # what autocast computes from the fp32 weights, casting them at every product
         want_few, want_many = block(few), block(many)
     products = PackedProducts(block)
-    with products, bf16():
+    with products, bf16(), torch.no_grad():
         got_few, got_many = block(few), block(many)
         kept = products.prepared[block[0]]
         block(few)
@@ -121,24 +121,73 @@ def test_under_bf16_autocast_each_weight_is_prepared_once_and_every_product_is_a
     assert got_few.dtype == got_many.dtype == torch.bfloat16
     torch.testing.assert_close(got_few, want_few, rtol=0.01, atol=0.01)  # bf16 rounding of the results
     torch.testing.assert_close(got_many, want_many, rtol=0.01, atol=0.01)
-    with products:  # no autocast: the fp32 weights
+    with products, torch.no_grad():  # no autocast: the fp32 weights
         block(few)
         assert products.prepared[block[0]][0] == torch.float32
 
 
-def test_a_build_without_onednn_packing_runs_the_kept_weights_through_linear(monkeypatch):
-    """Without oneDNN's packed linear (another build, or bf16 on a CPU without native bf16), the prepared weight
-    is the cast copy and the product is F.linear's, bit for bit."""
+def test_without_onednn_packing_the_kept_weights_run_through_the_blas(monkeypatch):
+    """Without oneDNN's packed products (another build, a CPU without AVX512, bf16 on a CPU without native bf16),
+    the prepared weight is the cast copy: a decode step's few rows run as (W x^T)^T, many as F.linear, bit for
+    bit (the product autocast would run, with the weight autocast would cast)."""
     monkeypatch.setattr(rto.decoding, "onednn_packs", lambda dtype: False)
     torch.manual_seed(0)
-    layer, x = torch.nn.Linear(24, 40), torch.randn(32, 24)
+    layer = torch.nn.Linear(24, 40)
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            want = layer(x)
-            with PackedProducts(layer) as products:
-                got = layer(x)
+            few, many = torch.randn(32, 24), torch.randn(200, 24)
+            want_few = torch.mm(layer.weight, few.t()).t() + layer.bias.to(torch.bfloat16 if autocast else torch.float32)
+            want_many = layer(many)
+            with PackedProducts(layer) as products, torch.no_grad():
+                got_few, got_many = layer(few), layer(many)
                 assert not products.prepared[layer][3]
-        assert torch.equal(got, want)
+        assert got_few.stride(0) == 1  # (W x^T)^T
+        assert torch.equal(got_few, want_few) and torch.equal(got_many, want_many)
+
+
+def test_per_product_packing_keeps_nothing_and_leaves_autocast_and_autograd_alone():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24, bias=False))
+    x = torch.randn(3, 70, 24)
+    with torch.no_grad():
+        want = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want_bf16 = block(x)
+        products = PackedProducts(block, keep=False)
+        with products:
+            got = block(x)
+            assert not products.prepared  # packed for each product, then let go
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got_bf16 = block(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(got_bf16, want_bf16)  # under autocast: autocast's own products
+    # with gradients on, the products of weights that require them run as nn.Linear: autograd records them
+    for keep in (True, False):
+        block.zero_grad()
+        with PackedProducts(block, keep=keep):
+            block(x).square().sum().backward()
+        grads = [p.grad.clone() for p in block.parameters()]
+        block.zero_grad()
+        block(x).square().sum().backward()
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, block.parameters()))
+
+
+def test_scoring_with_packed_products_scores_what_plain_products_score(tiny, monkeypatch):
+    """The scoring pass's fp32 products through oneDNN (packed per product): every log-prob, value and score
+    within float rounding of plain nn.Linear products."""
+    from rto.rollout import score_sequences
+    from rto.sequences import collate
+
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    batch = collate(prompts, [[5, 6, 7, 8][: 1 + i % 4] for i in range(len(prompts))], tokenizer.pad_token_id)
+    kw = dict(ref=model, policy=model, dpo=model, chunk=2, entropy=True)
+    packed = score_sequences(batch, **kw)
+    monkeypatch.setattr(PackedProducts, "__enter__", lambda self: self)
+    plain = score_sequences(batch, **kw)
+    assert set(packed) == set(plain)
+    for key in packed:
+        torch.testing.assert_close(packed[key], plain[key], rtol=0, atol=1e-5)
 
 
 def test_bf16_sampling_draws_what_plain_autocast_products_draw(tiny, monkeypatch):
