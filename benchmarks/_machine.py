@@ -38,24 +38,43 @@ def matmul_shapes(hidden: int, intermediate: int, vocab: int, rows: int) -> dict
             "mlp_down": (rows, intermediate, hidden), "lm_head": (rows, hidden, vocab)}
 
 
+def packed_product(w):
+    """x -> x @ w^T through oneDNN with `w` (n x k) packed ahead of time, as rto's sampler and scoring pass run
+    their products on CPUs where rto.decoding.onednn_packs allows it; None elsewhere."""
+    import torch
+
+    from rto.decoding import onednn_packs
+
+    if not onednn_packs(w.dtype):
+        return None
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def matmul_gflops(m: int, k: int, n: int, dtype, seconds: float = 0.5, threads: int | None = None) -> float:
-    """Best-of-5 rate of `(m x k) @ (k x n)` in GFLOP/s (2*m*k*n FLOPs a product), each sample `seconds` long."""
+    """Best-of-5 rate of `(m x k) @ (k x n)` in GFLOP/s (2*m*k*n FLOPs a product), each sample `seconds` long,
+    the better of torch's default product and oneDNN's with a packed weight (packed_product) where rto uses it."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    a @ b
-    reps = max(1, int(seconds / max(time.perf_counter() - start, 1e-6)))
+    ways = [lambda: a @ b]
+    packed = packed_product(b.t().contiguous())
+    if packed is not None:
+        ways.append(lambda: packed(a))
     best = 0.0
-    for _ in range(5):
+    for product in ways:
+        for _ in range(3):
+            product()
         start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
+        product()
+        reps = max(1, int(seconds / max(time.perf_counter() - start, 1e-6)))
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(reps):
+                product()
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
     return best
 
 
@@ -78,8 +97,9 @@ def decode_step_floor(weights: list[tuple[int, int]], rows: int, repeats: int = 
     """The weight matmuls of one decode step, timed alone: `rows` token rows through every weight matrix of the
     model in turn, each its own tensor of shape (out, in) as nn.Linear holds it (so each step streams all of
     them from memory, as a real step does; a rate measured on one matrix reused in cache is far higher).
-    Each matrix runs both ways its product can be computed, x @ W^T (nn.Linear) and (W @ x^T)^T (what rto's
-    decode loop does for the LM head), and counts the faster. Returns the step time (the sum of each matrix's
+    Each matrix runs every way its product can be computed, x @ W^T (nn.Linear), (W @ x^T)^T (what rto's decode
+    loop does without oneDNN's packed products) and, where rto uses them, oneDNN's with a packed weight, and
+    counts the fastest. Returns the step time (the sum of each matrix's
     best time over `repeats`), the weights' size, and the ceiling rows / time: no decode loop at this batch size
     can sample more tokens/s in fp32 on this machine, whatever it does besides."""
     import torch
@@ -87,7 +107,10 @@ def decode_step_floor(weights: list[tuple[int, int]], rows: int, repeats: int = 
 
     mats = [torch.randn(out, inp) for out, inp in weights]
     xs = {inp: torch.randn(rows, inp) for _, inp in weights}
-    ways = (lambda x, w: F.linear(x, w), lambda x, w: torch.mm(w, x.t()))
+    ways = [lambda x, w: F.linear(x, w), lambda x, w: torch.mm(w, x.t())]
+    packed = {id(w): packed_product(w) for w in mats}
+    if all(packed.values()):
+        ways.append(lambda x, w: packed[id(w)](x))
     best = [[float("inf")] * len(ways) for _ in mats]
     with torch.no_grad():
         for _ in range(repeats + 1):  # the first step warms up

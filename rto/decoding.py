@@ -199,10 +199,11 @@ class PackedProducts:
     without AVX512, or a dtype the CPU does not run natively) the kept cast weight goes through torch's BLAS, at
     FEW_ROWS rows (a decode step's batch) as (W x^T)^T, which that BLAS runs 1.1-1.6x faster than x W^T for a
     decoder's matrices at 16-48 rows (fp32, 2-core AVX2 EPYC: SmolLM2's gate/up 1.38 -> 0.84 ms at 32 rows; it
-    starts at 1 row, so that a row sampled alone and in a batch go through the same products). Other devices and subclasses (peft's LoRA wrappers,
-    whose inner Linear layers are patched) run as usual, and so does a product that autograd must record (a
-    weight or an input that requires gradients, with gradients on) or whose weight is a shard (FSDP). It holds
-    one prepared copy of each weight while active (4 bytes per weight in fp32, 2 in bf16).
+    starts at 1 row, so that a row sampled alone and in a batch go through the same products). Other devices and
+    subclasses (peft's LoRA wrappers, whose inner Linear layers are patched) run as usual, and so does a product
+    that autograd must record (a weight or an input that requires gradients, with gradients on) or whose weight
+    is a shard (FSDP). It holds one prepared copy of each weight while active (4 bytes per weight in fp32, 2 in
+    bf16).
 
     keep=False, for forwards at many rows (the scoring pass: hundreds of rows a product, so that packing a weight
     costs little next to its product): every fp32 product packs its weight and lets it go, holding one packed

@@ -136,7 +136,8 @@ def test_without_onednn_packing_the_kept_weights_run_through_the_blas(monkeypatc
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             few, many = torch.randn(32, 24), torch.randn(200, 24)
-            want_few = torch.mm(layer.weight, few.t()).t() + layer.bias.to(torch.bfloat16 if autocast else torch.float32)
+            bias = layer.bias.to(torch.bfloat16 if autocast else torch.float32)
+            want_few = torch.mm(layer.weight, few.t()).t() + bias
             want_many = layer(many)
             with PackedProducts(layer) as products, torch.no_grad():
                 got_few, got_many = layer(few), layer(many)
