@@ -41,14 +41,12 @@ def matmul_shapes(hidden: int, intermediate: int, vocab: int, rows: int) -> dict
 def packed_product(w):
     """x -> x @ w^T through oneDNN with `w` (n x k) packed ahead of time, as rto's sampler and scoring pass run
     their products on CPUs where rto.decoding.onednn_packs allows it; None elsewhere."""
-    import torch
-
-    from rto.decoding import onednn_packs
+    from rto.decoding import onednn_packs, pack_weight, packed_linear
 
     if not onednn_packs(w.dtype):
         return None
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    packed = pack_weight(w)
+    return lambda x: packed_linear(x, packed)
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype, seconds: float = 0.5, threads: int | None = None) -> float:

@@ -159,6 +159,16 @@ def _prefill(decoder, prompts: list[list[int]], pad_id: int, capacity: int
     return cache, mask, positions[:, -1:] + 1, hidden, n, width
 
 
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """`w` (out x in, as nn.Linear holds it) in the blocked layout oneDNN's matmul reads, for packed_linear."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, None)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b for a 2-D x through oneDNN, W packed by pack_weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 @lru_cache(maxsize=None)
 def onednn_packs(dtype: torch.dtype) -> bool:
     """True when this torch build runs a CPU linear layer in `dtype` through oneDNN with a weight packed ahead of
@@ -175,8 +185,7 @@ def onednn_packs(dtype: torch.dtype) -> bool:
             return False
         g = torch.Generator().manual_seed(0)
         w, x = torch.randn(8, 16, generator=g).to(dtype), torch.randn(3, 16, generator=g).to(dtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        y = packed_linear(x, pack_weight(w))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     return y.dtype == dtype and torch.allclose(y.float(), nn.functional.linear(x, w).float(), rtol=0.02, atol=0.02)
@@ -228,7 +237,7 @@ class PackedProducts:
             w = linear.weight.detach().to(dtype)
             b = None if linear.bias is None else linear.bias.detach().to(dtype)
             packed = onednn_packs(dtype)
-            kept = (dtype, torch.ops.mkldnn._reorder_linear_weight(w, None) if packed else w, b, packed)
+            kept = (dtype, pack_weight(w) if packed else w, b, packed)
             if self.keep:
                 self.prepared[linear] = kept
         return kept
@@ -240,7 +249,7 @@ class PackedProducts:
         dtype, w, b, packed = self.prepare(linear)
         rows = x.numel() // x.shape[-1]
         if packed:
-            y = torch.ops.mkldnn._linear_pointwise(x.to(dtype).reshape(rows, -1), w, b, "none", [], "")
+            y = packed_linear(x.to(dtype).reshape(rows, -1), w, b)
         elif rows > self.FEW_ROWS:
             return nn.functional.linear(x.to(dtype), w, b)
         else:  # a transposed view: the next product reads a contiguous x^T
