@@ -6,6 +6,7 @@ the rows it shares a batch (and a prompt prefill) with.
 """
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -171,6 +172,27 @@ def test_per_product_packing_keeps_nothing_and_leaves_autocast_and_autograd_alon
         block.zero_grad()
         block(x).square().sum().backward()
         assert all(torch.equal(a, p.grad) for a, p in zip(grads, block.parameters()))
+
+
+@pytest.mark.parametrize("autocast", [None, nullcontext])  # (the stages pass accelerate's, a no-op in fp32)
+def test_in_fp32_a_row_draws_the_same_tokens_whatever_prompts_share_its_batch(tiny, autocast):
+    """fp32: each row's tokens and log-probs do not depend on the batch around it, whose longest prompt sets the
+    padding (so that one process and two sample the same pairs). On CPUs where the products are oneDNN's packed
+    ones, SDPA's flash kernel summed each row's keys in blocks placed by that padding: other tokens drawn."""
+    model, tokenizer = tiny
+    text = "Describe item number {} in a few words please, with care, and with a lot of detail about everything."
+    prompts = [tokenizer(text.format(i))["input_ids"][: 4 + i] for i in range(16) for _ in range(3)]
+    seeds = list(range(100, 148))
+    kw = dict(max_new_tokens=8, eos_ids=set(), pad_id=tokenizer.pad_token_id, autocast=autocast)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each process of a 2-process run on 2 cores
+    try:
+        whole = sample(model, prompts, seeds=seeds, **kw)
+        halves = [sample(model, prompts[i : i + 24], seeds=seeds[i : i + 24], **kw) for i in (0, 24)]
+    finally:
+        torch.set_num_threads(threads)
+    assert whole[0] == halves[0][0] + halves[1][0]
+    torch.testing.assert_close(torch.tensor(whole[2]), torch.tensor(halves[0][2] + halves[1][2]), rtol=0, atol=1e-5)
 
 
 def test_scoring_with_packed_products_scores_what_plain_products_score(tiny, monkeypatch):
