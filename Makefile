@@ -21,5 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/rto demo
 
-test: install
+# the tests also run DeepSpeed ZeRO (an optional extra, which the demo does not need)
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[deepspeed]"
+	touch $@
+
+test: install $(VENV)/.deepspeed
 	$(BIN)/python -m pytest -q

@@ -2,10 +2,12 @@
 
 A checkpoint is a folder `{out}/checkpoints/step-{N:08d}` holding
   weights.safetensors  the trainable parameters of every model (frozen ones come from the start model)
-  trainer.pt           optimizer and scheduler states, the RNG states of python, numpy and torch
+  trainer.pt           optimizer and scheduler states (under DeepSpeed ZeRO, every process's share of the
+                       optimizer states: rto.zero), the RNG states of python, numpy and torch
                        (plus any torch.Generator of the stage) and the stage's own state (step, data
                        position, KL coefficient, metrics history...); loaded with weights_only=True
-  state.json           step and time, for people
+  state.json           step and time, for people; the number of processes, FSDP or not and the ZeRO stage,
+                       which a resume must match
 
 It is written into a temporary sibling folder and renamed into place (models.atomic_folder, as for
 saved models), so a crash or a full disk during
@@ -99,6 +101,7 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
     or a weight is NaN/inf.
     """
     from rto.distributed import check_in_sync, full, full_state, is_main, sharded_training, world
+    from rto.zero import zero_stage
 
     check_in_sync(models)  # several processes: their weights must be the same, and process 0 writes them
     # sharded layers (rto.distributed) are gathered whole in every process (collectives), then written once
@@ -122,7 +125,7 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
             torch.save({"stateful": states,
                         "rng": rng_state(generators), "state": state}, tmp / "trainer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "processes": world()[1],
-                                                         "sharded": sharded_training(),
+                                                         "sharded": sharded_training(), "zero_stage": zero_stage(),
                                                          "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
     except Exception as e:
         previous = latest_checkpoint(out)
@@ -141,13 +144,15 @@ def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: 
     parameters). The RNG states are restored last, so the run continues as if never stopped.
     """
     from rto.distributed import reshard_like, reshard_optimizer_state, sharded_training, world
+    from rto.zero import zero_stage
 
     path = Path(path)
     try:
         record = json.loads((path / "state.json").read_text())
         processes, sharded = record.get("processes", 1), record.get("sharded", False)
+        stage = record.get("zero_stage", 0)
     except (OSError, ValueError, AttributeError):  # unreadable: the weights' check below names the checkpoint
-        processes, sharded = world()[1], sharded_training()
+        processes, sharded, stage = world()[1], sharded_training(), zero_stage()
     if processes != world()[1]:
         raise CheckpointError(f"checkpoint {path} was written by a run of {processes} process(es), and this run has "
                               f"{world()[1]}: each process's share of the data depends on their number, so resume with "
@@ -158,6 +163,12 @@ def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: 
                               f"launched {'with' if sharded_training() else 'without'} it (its optimizer states are "
                               "grouped differently): resume with the launch config of the run that wrote it, or pass "
                               "--resume false to start over")
+    if stage != zero_stage():
+        written = f"with DeepSpeed ZeRO-{stage}" if stage else "without DeepSpeed"
+        now = f"with DeepSpeed ZeRO-{zero_stage()}" if zero_stage() else "without it"
+        raise CheckpointError(f"checkpoint {path} was written {written} and this run is launched {now} (its optimizer "
+                              "states are split otherwise): resume with the launch config of the run that wrote it, "
+                              "or pass --resume false to start over")
     try:
         weights = load_file(str(path / "weights.safetensors"))
         saved = torch.load(path / "trainer.pt", weights_only=True)

@@ -36,10 +36,24 @@ def world() -> tuple[int, int]:
     if launched() and dist.is_available() and not dist.is_initialized():
         from accelerate import PartialState
 
-        PartialState(cpu=on_cpus())
+        with accelerate_without_deepspeed():
+            PartialState(cpu=on_cpus())
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def accelerate_without_deepspeed():
+    """Hide a DeepSpeed launch from accelerate while it sets up (its process group, its Accelerator): accelerate
+    would otherwise take the run over with its own DeepSpeed engine (its autocast then does nothing, and its
+    backward wants models it prepared). rto drives DeepSpeed itself (rto.zero), after accelerate has set up."""
+    value = os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = value
 
 
 def is_main() -> bool:

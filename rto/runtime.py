@@ -80,24 +80,25 @@ def check_report_to(report_to: str) -> str:
     return report_to
 
 
-ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
-
-
 def check_engine(environ) -> None:
-    """Refuse a launch that asks accelerate for an engine rto does not drive (`accelerate launch` sets these
-    variables from its config's distributed_type): DeepSpeed and Megatron-LM would otherwise run as plain data
-    parallel without saying so. FSDP is carried out by rto itself (rto.distributed.shard_trained), with the settings
-    that rto.distributed.check_fsdp accepts."""
+    """Refuse a launch that asks accelerate for an engine rto does not drive (`accelerate launch` sets
+    ACCELERATE_USE_MEGATRON_LM from its config's distributed_type), which would otherwise run as plain data parallel
+    without saying so. FSDP and DeepSpeed are carried out by rto itself (rto.distributed.shard_trained,
+    rto.zero.Engine), with the settings that rto.distributed.check_fsdp and rto.zero.check_deepspeed accept."""
     from rto.distributed import check_fsdp, env_flag
+    from rto.zero import check_deepspeed, deepspeed_launch
 
-    asked = {var: name for var, name in ENGINES.items() if env_flag(environ, var)}
-    if asked:
-        raise ValueError(f"this launch asks for {' and '.join(asked.values())} ({', '.join(asked)} set by the "
-                         "accelerate config); rto runs several processes as data parallel, or shards the trained "
-                         "layers with FSDP: launch with configs/accelerate/ddp-*.yaml, fsdp-*.yaml or torchrun, "
-                         "and use --lora true to fit a large policy (docs/scaling.md)")
+    if env_flag(environ, "ACCELERATE_USE_MEGATRON_LM"):
+        raise ValueError("this launch asks for Megatron-LM (ACCELERATE_USE_MEGATRON_LM set by the accelerate config); "
+                         "rto runs several processes as data parallel, shards the trained layers with FSDP or splits "
+                         "the optimizer with DeepSpeed ZeRO: launch with configs/accelerate/ddp-*.yaml, fsdp-*.yaml, "
+                         "zero2-*.yaml or torchrun (docs/scaling.md)")
+    if env_flag(environ, "ACCELERATE_USE_FSDP") and deepspeed_launch(environ):
+        raise ValueError("this launch asks for both FSDP and DeepSpeed; choose one accelerate config")
     if env_flag(environ, "ACCELERATE_USE_FSDP"):
         check_fsdp(environ)
+    if deepspeed_launch(environ):
+        check_deepspeed(environ)
 
 
 def make_accelerator(precision: str, report_to: str = "none", run_dir: str | Path | None = None):
@@ -107,14 +108,15 @@ def make_accelerator(precision: str, report_to: str = "none", run_dir: str | Pat
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # stages run one after another in one process (rto pipeline)
-    from rto.distributed import is_main, on_cpus
+    from rto.distributed import accelerate_without_deepspeed, is_main, on_cpus
 
     check_engine(os.environ)
 
     main = is_main()  # the trackers log from process 0 only
-    return Accelerator(mixed_precision="bf16" if resolve_precision(precision) == "bf16" else "no", cpu=on_cpus(),
-                       log_with=None if check_report_to(report_to) == "none" or not main else report_to,
-                       project_dir=None if run_dir is None else str(run_dir))
+    with accelerate_without_deepspeed():
+        return Accelerator(mixed_precision="bf16" if resolve_precision(precision) == "bf16" else "no", cpu=on_cpus(),
+                           log_with=None if check_report_to(report_to) == "none" or not main else report_to,
+                           project_dir=None if run_dir is None else str(run_dir))
 
 
 def versions() -> dict:

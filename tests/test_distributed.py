@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,16 @@ from rto.stages.common import batch_means
 
 KILLER = Path(__file__).with_name("kill_at_step.py")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+needs_deepspeed = pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed (pip install -e "
+                                     "'.[deepspeed]'; the README's test command installs it)")
 
 
 # --- the rules, one process -------------------------------------------------------------------------------------
@@ -263,6 +274,74 @@ def test_uneven_shares_in_micro_batches_make_the_whole_batch_gradient(tmp_path):
             assert torch.allclose(torch.tensor(got), p.grad, atol=1e-7)
 
 
+def _zero_checks(rank: int, init: str, results, stage: int, offload: str) -> None:
+    """A small model in a DeepSpeed ZeRO engine (rto.zero.Engine) on 2 processes: batch_gradients over 3 rows in
+    micro-batches of 1 (process 0's second pass is the zero pass: ZeRO-2 reduces inside each backward), then a
+    step; a NaN loss in process 1; the optimizer shares through a checkpoint's state_dict. `offload` "cpu": the
+    states in CPU memory (ZeRO-Offload, another code path of DeepSpeed's even on a CPU)."""
+    from rto.stages.common import Optimization, batch_gradients, make_optimizer
+    from rto.zero import Engine
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), ACCELERATE_USE_DEEPSPEED="true",
+                      ACCELERATE_DEEPSPEED_ZERO_STAGE=str(stage),
+                      ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE=offload)  # what a launch sets
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, notes = _small_model(), []
+        cfg = Optimization(max_grad_norm=0.1, micro_batch_size=1, warmup_ratio=0.0)
+        optimizer, _ = make_optimizer([{"params": list(model.parameters()), "lr": 0.01}], 10, cfg)
+        engine = Engine(model, optimizer, cfg.max_grad_norm, "model", notes.append)
+        passes = []
+
+        def loss_fn(epoch, rows):
+            passes.append(len(rows))
+            loss = model(_BATCH[rows]).pow(2).mean()
+            return loss * float("nan") if epoch == 1 and rank == 1 else loss, {}
+
+        norm, loss, _ = batch_gradients(_Autocast(), list(model.parameters()), loss_fn, 0, [0, 1, 2], cfg, engine)
+        stepped = [p.detach().clone().tolist() for p in model.parameters()]
+        nan_norm, _, _ = batch_gradients(_Autocast(), list(model.parameters()), loss_fn, 1, [0, 1, 2], cfg, engine)
+        state = engine.state_dict()
+        fresh = _small_model()
+        with torch.no_grad():
+            for p, q in zip(fresh.parameters(), model.parameters()):
+                p.copy_(q)
+        again = Engine(fresh, make_optimizer([{"params": list(fresh.parameters()), "lr": 0.01}], 10, cfg)[0],
+                       cfg.max_grad_norm, "model", notes.append)
+        again.load_state_dict(state)
+        results[rank] = {"note": notes[0], "norm": norm, "loss": loss, "passes": passes[:2], "stepped": stepped,
+                         "nan_norm": nan_norm, "after_nan": [p.detach().tolist() for p in model.parameters()],
+                         "shares": len(state["shares"]),
+                         "same_share": all(torch.equal(a, b) for a, b in zip(
+                             again.base.state[again.base.param_groups[0]["params"][0]].values(),
+                             engine.base.state[engine.base.param_groups[0]["params"][0]].values()))}
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage, offload", [(1, "none"), (2, "none"), (2, "cpu")])
+def test_a_zero_engine_steps_as_one_process_and_skips_a_nan_everywhere(tmp_path, stage, offload):
+    results = mp.Manager().dict()
+    mp.spawn(_zero_checks, args=(f"file://{tmp_path / 'store'}", results, stage, offload), nprocs=2)
+    model = _small_model()  # one process, the 3 rows at once, torch's clipping and AdamW
+    loss = model(_BATCH[:3]).pow(2).mean()
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1))
+    torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.95), weight_decay=0.0).step()
+    for out in (results[0], results[1]):
+        split = "AdamW states and gradients" if stage == 2 else "AdamW states split"
+        assert split in out["note"] and f"(ZeRO-{stage}{', states in CPU memory' if offload == 'cpu' else ''})" \
+            in out["note"]
+        assert out["passes"] == [1, 1]  # process 0: one row, then the zero pass; process 1: two rows
+        assert out["norm"] == pytest.approx(norm, rel=1e-6) and norm > 0.1  # clipping acted
+        assert out["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
+        for got, p in zip(out["stepped"], model.parameters()):
+            assert torch.allclose(torch.tensor(got), p.detach(), atol=1e-7)
+        assert not math.isfinite(out["nan_norm"]) and out["after_nan"] == out["stepped"]  # skipped in both
+        assert out["shares"] == 2 and out["same_share"]
+
+
 def _small_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
@@ -287,6 +366,10 @@ def test_sharded_layers_clip_and_step_as_one_whole_model(tmp_path):
 
 # what `accelerate launch --config_file configs/accelerate/fsdp-cpu-2.yaml` sets (besides starting 2 processes)
 FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+# and what `accelerate launch --config_file configs/accelerate/zero2-cpu-2.yaml` sets
+ZERO2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none"}
+ENGINES = {"fsdp": FSDP, "zero2": ZERO2}
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -385,14 +468,15 @@ def _difference_and_move(start: dict, one: dict, two: dict) -> tuple[float, floa
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
-    """The pipeline on 1 process, on 2 (data parallel) and on 2 with FSDP ("fsdp"), the same recipe; the FSDP run
-    takes each process's share of a batch in micro-batches of 1 (a share smaller than the other's makes zero
-    passes to match its number of backwards, as FSDP's backward is collective)."""
+    """The pipeline on 1 process, on 2 (data parallel), on 2 with FSDP ("fsdp") and on 2 with DeepSpeed ZeRO-2
+    ("zero2", when deepspeed is installed), the same recipe; the FSDP and ZeRO-2 runs take each process's share
+    of a batch in micro-batches of 1 (a share smaller than the other's makes zero passes to match its number of
+    backwards, as the backward of both is collective)."""
     tmp = tmp_path_factory.mktemp("distributed")
-    folders = {n: tmp / f"p{n}" for n in (1, 2, "fsdp")}
-    recipes = {n: _recipe(tmp, tiny_model, folders[n], 1 if n == "fsdp" else None) for n in folders}
-    done = side_by_side({n: start(2 if n == "fsdp" else n, "pipeline", str(recipes[n]), logs=tmp / f"logs{n}",
-                                  env=FSDP if n == "fsdp" else None) for n in folders})
+    folders = {n: tmp / f"p{n}" for n in (1, 2, "fsdp", *(["zero2"] if _has_deepspeed() else []))}
+    recipes = {n: _recipe(tmp, tiny_model, folders[n], 1 if n in ENGINES else None) for n in folders}
+    done = side_by_side({n: start(2 if n in ENGINES else n, "pipeline", str(recipes[n]), logs=tmp / f"logs{n}",
+                                  env=ENGINES.get(n)) for n in folders})
     for n in done:
         assert done[n].returncode == 0, f"run {n}: {done[n].stderr[-3000:]}"
     return {n: (folders[n], done[n]) for n in done}
@@ -411,12 +495,13 @@ def test_two_processes_write_what_one_process_writes(runs, tiny_model):
     assert done.stdout.count("pipeline: rto (ppo)") == 1  # printed by process 0 only
 
 
-@pytest.mark.parametrize("engine", [2, "fsdp"])
+@pytest.mark.parametrize("engine", [2, "fsdp", pytest.param("zero2", marks=needs_deepspeed)])
 @pytest.mark.parametrize("stage, folder", [("sft", "model"), ("rm", "model"), ("dpo", "model"), ("rto", "policy"),
                                            ("rto", "critic")])
 def test_two_processes_train_the_weights_one_process_trains(runs, tiny_model, stage, folder, engine):
-    """Same global batches, gradients averaged (all-reduced, or reduce-scattered into FSDP's shards): the
-    2-process weights differ from the 1-process ones by float rounding only, far less than training moved them."""
+    """Same global batches, gradients averaged (all-reduced, or reduce-scattered into FSDP's shards or ZeRO-2's
+    partitions): the 2-process weights differ from the 1-process ones by float rounding only, far less than
+    training moved them."""
     (one, _), (two, _) = runs[1], runs[engine]
     w1, w2 = _weights(one / stage / folder), _weights(two / stage / folder)
     # what training started from: the tiny model, or for the critic the reward model it starts from
@@ -424,7 +509,8 @@ def test_two_processes_train_the_weights_one_process_trains(runs, tiny_model, st
     diff, moved = _difference_and_move(start, w1, w2)
     assert moved > 1e-4, f"{stage}/{folder} did not train"
     # measured (2-core AMX machine, fp32; FSDP in brackets): sft 0.008% (0.008%; 134% when each share weighed by
-    # its items instead of its tokens), rm 0.7% (0.7%), dpo 0.003% (0.004%), policy 0.7% (0.6%), critic 1.4% (1.5%)
+    # its items instead of its tokens), rm 0.7% (0.7%), dpo 0.003% (0.004%), policy 0.7% (0.6%), critic 1.4% (1.5%);
+    # ZeRO-2 (second 2-core AMX machine): sft 0.008%, rm 1.0%, dpo 0.004%, policy 0.1%, critic 0.3%
     # (earlier, AVX2: critic 1.3%, 0.9% when scoring recomputes the trunk instead of
     # taking the sampler's, whose rounding depends on each process's decode batch); Adam turns rounding-sized
     # gradients into lr-sized steps, so the bound is 2%: a gradient averaged wrongly moves weights by ~100%
@@ -463,7 +549,20 @@ def _ppo_args(model: str, rm: str, out: Path) -> list[str]:
             "--progress", "false", "--threads", "1", "--precision", "fp32", "--out", str(out)]
 
 
-@pytest.mark.parametrize("engine", [None, FSDP], ids=["ddp", "fsdp"])
+@needs_deepspeed
+def test_zero2_splits_the_optimizer_and_writes_what_one_process_writes(runs):
+    (one, _), (split, done) = runs[1], runs["zero2"]
+    for stage, roles in (("sft", ["model"]), ("rm", ["model"]), ("dpo", ["model"]), ("rto", ["policy", "critic"])):
+        log = (split / stage / "log.txt").read_text()
+        for role in roles:
+            assert f"deepspeed: the {role}'s AdamW states and gradients split over 2 processes (ZeRO-2)" in log
+    assert (split / "pairs" / "pairs.jsonl").read_text() == (one / "pairs" / "pairs.jsonl").read_text()
+    assert (split / "report.md").exists() and json.loads((split / "eval" / "eval.json").read_text())["table"]
+    assert done.stdout.count("pipeline: rto (ppo)") == 1
+
+
+@pytest.mark.parametrize("engine", [None, FSDP, pytest.param(ZERO2, marks=needs_deepspeed)],
+                         ids=["ddp", "fsdp", "zero2"])
 def test_a_killed_two_process_run_resumes_where_it_stopped(runs, tiny_model, tmp_path, engine):
     rm = str(runs[1][0] / "rm" / "model")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -475,9 +574,10 @@ def test_a_killed_two_process_run_resumes_where_it_stopped(runs, tiny_model, tmp
         # another number of processes would share the data differently: refused in one line
         other = launch(1, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-other")
         assert other.returncode == 1 and "written by a run of 2 process(es)" in other.stderr
-        if engine:  # with FSDP the optimizer states are grouped otherwise: a plain 2-process launch is refused
+        if engine:  # with FSDP or ZeRO the optimizer states are grouped otherwise: a plain 2-process launch is refused
             plain = launch(2, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-plain")
-            assert plain.returncode == 1 and "written with FSDP" in plain.stderr
+            written = "written with FSDP" if engine is FSDP else "written with DeepSpeed ZeRO-2"
+            assert plain.returncode == 1 and written in plain.stderr, plain.stderr[-2000:]
         resumed = launch(2, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-resumed", env=engine)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         done = finish(uninterrupted)

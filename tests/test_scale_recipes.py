@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -419,6 +420,9 @@ LAUNCH = {  # file -> (distributed type, processes, mixed precision, CPU only); 
     "ddp-8gpu.yaml": ("MULTI_GPU", 8, "bf16", False),
     "fsdp-cpu-2.yaml": ("FSDP", 2, "no", True),
     "fsdp-8gpu.yaml": ("FSDP", 8, "bf16", False),
+    "zero2-cpu-2.yaml": ("DEEPSPEED", 2, "no", True),
+    "zero2-8gpu.yaml": ("DEEPSPEED", 8, "bf16", False),
+    "zero2-offload-8gpu.yaml": ("DEEPSPEED", 8, "bf16", False),
 }
 
 
@@ -431,11 +435,17 @@ def test_launch_config_loads_with_accelerates_loader(name):
     assert isinstance(config, ClusterConfig)
     assert (config.distributed_type, config.num_processes, config.mixed_precision, config.use_cpu) == \
         (kind, processes, precision, cpu)
-    assert config.num_machines == 1 and not config.deepspeed_config
+    assert config.num_machines == 1
     if kind == "FSDP":  # the settings rto carries out (rto.distributed.check_fsdp), nothing it would refuse
         assert config.fsdp_config == {"fsdp_version": 2, "fsdp_reshard_after_forward": True}
     else:
         assert not config.fsdp_config
+    if kind == "DEEPSPEED":  # the settings rto carries out (rto.zero.check_deepspeed), nothing it would refuse
+        assert config.deepspeed_config == {"zero_stage": 2, "offload_param_device": "none", "zero3_init_flag": False,
+                                           "offload_optimizer_device": "cpu" if "offload" in name else "none",
+                                           "gradient_accumulation_steps": 1}
+    else:
+        assert not config.deepspeed_config
 
 
 def test_accelerates_loader_refuses_an_unknown_key(tmp_path):
@@ -448,26 +458,30 @@ def test_accelerates_loader_refuses_an_unknown_key(tmp_path):
 
 
 PROBE = """
-import json, os, sys
+import json, sys
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
 
 from rto.distributed import sharded_training
-from rto.runtime import check_engine
+from rto.runtime import make_accelerator
+from rto.zero import zero_stage
 
-acc = Accelerator(cpu=not torch.cuda.is_available())  # as rto.runtime.make_accelerator does in launched processes
-check_engine(os.environ)  # the launch's engine settings are ones rto carries out
+acc = make_accelerator("fp32")  # refuses a launch whose engine settings rto does not carry out (check_engine)
 total = torch.tensor([acc.process_index + 1.0])
 dist.all_reduce(total)
 with open(f"{sys.argv[1]}/rank{acc.process_index}.json", "w") as f:
-    json.dump([acc.num_processes, acc.state.backend, acc.distributed_type.value, float(total), sharded_training()], f)
+    json.dump([acc.num_processes, acc.state.backend, acc.distributed_type.value, float(total), sharded_training(),
+               zero_stage()], f)
 dist.destroy_process_group()  # as rto's command line does (rto.distributed.close): else gloo may abort the exit
 """
 
 
-@pytest.mark.parametrize("name, sharded", [("ddp-cpu-2.yaml", False), ("fsdp-cpu-2.yaml", True)])
-def test_cpu_launch_config_starts_two_gloo_processes(tmp_path, name, sharded):
+@pytest.mark.parametrize("name, sharded, stage", [
+    ("ddp-cpu-2.yaml", False, 0), ("fsdp-cpu-2.yaml", True, 0),
+    pytest.param("zero2-cpu-2.yaml", False, 2, marks=pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install -e "
+        "'.[deepspeed]'; the README's test command installs it)"))])
+def test_cpu_launch_config_starts_two_gloo_processes(tmp_path, name, sharded, stage):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     launcher = Path(sys.executable).with_name("accelerate")
@@ -476,5 +490,6 @@ def test_cpu_launch_config_starts_two_gloo_processes(tmp_path, name, sharded):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     reports = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
-    # 1 + 2 summed over gloo; with the FSDP config rto's processes shard (accelerate itself reports MULTI_CPU)
-    assert reports == {f"rank{r}.json": [2, "gloo", "MULTI_CPU", 3.0, sharded] for r in (0, 1)}
+    # 1 + 2 summed over gloo; with the FSDP config rto's processes shard, with the ZeRO-2 one they run ZeRO-2
+    # (accelerate itself reports MULTI_CPU: rto carries both out)
+    assert reports == {f"rank{r}.json": [2, "gloo", "MULTI_CPU", 3.0, sharded, stage] for r in (0, 1)}

@@ -2,6 +2,7 @@
 and a recipe; recipes are typed like the command line; pairs never hold empty answers; eval compares every pair."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -244,7 +245,14 @@ def test_adamw_runs_fused_and_updates_as_the_reference_loop():
 
 
 @pytest.mark.parametrize("variables, words", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["DeepSpeed", "ddp", "fsdp"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["ZeRO stage 3", "fsdp"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, ["ZeRO stage 0", "ddp"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, ["deepspeed_config_file"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, ["offload_param_device"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"}, ["nvme"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, ["--micro_batch_size"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_CLIPPING": "1.0"}, ["--max_grad_norm"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_FSDP": "true"}, ["both FSDP and DeepSpeed"]),
     ({"ACCELERATE_USE_MEGATRON_LM": "true"}, ["Megatron-LM"]),
     ({"ACCELERATE_USE_FSDP": "true"}, ["FSDP version 1", "fsdp_version: 2"]),  # accelerate's default version
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, ["FSDP_OFFLOAD_PARAMS"]),
@@ -254,15 +262,26 @@ def test_adamw_runs_fused_and_updates_as_the_reference_loop():
 def test_an_engine_setting_rto_does_not_carry_out_is_refused(capsys, tmp_path, tiny_model, pairs_file, monkeypatch,
                                                              variables, words):
     """`accelerate launch` sets these variables from its config; on CPU accelerate would quietly run plain
-    processes instead of DeepSpeed, and rto carries out FSDP2 without offloading only: the stage says so in one
-    line before it starts."""
+    processes instead of DeepSpeed or Megatron-LM, and rto carries out FSDP2 without offloading and DeepSpeed ZeRO
+    stages 1 and 2 with its own config only: the stage says so in one line before it starts."""
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     err = _one_line(capsys, ["dpo", "--model", tiny_model, "--pairs", pairs_file, "--progress", "false",
                              "--out", str(tmp_path / "d")], words[0])
     assert all(w in err for w in words) and not (tmp_path / "d" / "model").exists(), err
-    for name in variables:
-        monkeypatch.setenv(name, "false")  # as accelerate sets them for other configs
+    for name in variables:  # the engines' switches as accelerate sets them for other configs; their settings unset
+        if name.startswith("ACCELERATE_USE_"):
+            monkeypatch.setenv(name, "false")
+        else:
+            monkeypatch.delenv(name)
     from rto.runtime import make_accelerator
 
     assert make_accelerator("fp32").num_processes == 1
+
+
+def test_a_deepspeed_launch_without_deepspeed_names_the_extra(capsys, tmp_path, tiny_model, pairs_file, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without it gives: ImportError
+    err = _one_line(capsys, ["dpo", "--model", tiny_model, "--pairs", pairs_file, "--progress", "false",
+                             "--out", str(tmp_path / "d")], "rto-rlhf[deepspeed]")
+    assert "not installed" in err and not (tmp_path / "d").exists()

@@ -20,6 +20,7 @@ from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences
 from rto.models import check_tokenizers, load_tokenizer
 from rto.trunk import checked_trunk_layers, share_trunk_weights
+from rto.zero import engine_for
 from rto.rollout import encode_prompts, encode_response
 from rto.runtime import (NonFiniteError, Run, check_report_to, folder_state, make_accelerator, resolve_precision,
                          seed_everything)
@@ -211,16 +212,39 @@ def backward_and_clip(accelerator, loss: torch.Tensor, param_sets: list[list], m
     return clip_gradients(param_sets, max_norm, backward(accelerator, loss))
 
 
-def backward(accelerator, loss: torch.Tensor) -> bool:
-    """Backpropagate `loss` unless it is NaN/inf; returns whether it was finite (for clip_gradients). Under sharded
-    training (rto.distributed) every process backpropagates, because FSDP reduces the gradients inside the backward
-    pass; clip_gradients then poisons them."""
-    from rto.distributed import sharded_training
-
+def backward(accelerator, loss: torch.Tensor, engine=None) -> bool:
+    """Backpropagate `loss` unless it is NaN/inf; returns whether it was finite (for clip_gradients, or
+    end_batch). When gradients are reduced inside the backward pass (collective_backward) every process
+    backpropagates, NaN or not: clip_gradients then poisons the gradients, and a DeepSpeed `engine` (rto.zero)
+    skips a NaN update itself."""
     ok = finite(loss.detach())
-    if ok or sharded_training():
+    if engine is not None:
+        engine.backward(loss)
+    elif ok or collective_backward():
         accelerator.backward(loss)
     return ok
+
+
+def collective_backward() -> bool:
+    """True when every process must run as many backward passes as the others: FSDP and DeepSpeed ZeRO-2 reduce
+    gradients inside them (and ZeRO-1 is held to the same rule, so that both stages take one code path)."""
+    from rto.distributed import sharded_training
+    from rto.zero import zero_stage
+
+    return sharded_training() or zero_stage() > 0
+
+
+def end_batch(engines: list, ok: bool) -> list[float]:
+    """The step of DeepSpeed `engines` (rto.zero.Engine) after a batch's backward passes (`ok`: all their losses
+    were finite in this process): when a loss was NaN/inf in any process, every engine's gradient is made NaN
+    first, so that all of them skip the update together. Returns their gradient norms before clipping (NaN/inf
+    for a skipped update)."""
+    from rto.distributed import any_true
+
+    if any_true(not ok):
+        for engine in engines:
+            engine.poison()
+    return [engine.step() for engine in engines]
 
 
 def clip_gradients(param_sets: list[list], max_norm: float, ok: bool) -> list[float]:
@@ -396,22 +420,29 @@ def batch_means(shares: list[tuple[int, float, dict[str, float]]]) -> tuple[floa
     return loss, {k: sum(n * stats[k] for n, _, stats in shares) / total for k in shares[0][2]}
 
 
-def batch_gradients(accelerator, params: list, loss_fn, epoch: int, items: list, cfg: Optimization
-                    ) -> tuple[float, float, dict[str, float]]:
+def batch_gradients(accelerator, params: list, loss_fn, epoch: int, items: list, cfg: Optimization, engine=None,
+                    units_fn=len) -> tuple[float, float, dict[str, float]]:
     """The gradient of one batch's mean loss in `params`, averaged over processes and clipped (fit); returns
-    (gradient norm before clipping, the batch's mean loss, its mean stats).
+    (gradient norm before clipping, the batch's mean loss, its mean stats). With a DeepSpeed `engine`
+    (rto.zero.Engine) the losses go through it, and its step (averaging, clipping, the update) ends the batch.
 
     Each process takes its contiguous share of `items` (rto.distributed.share). At once, when the share fits in
     cfg.micro_batch_size: its loss, weighed by W * units / total units of the batch (share_weight), is
     backpropagated. Otherwise in micro-batches j of at most micro_batch_size items, every process the same
-    number of passes (FSDP's backward is collective): sum_j units_j * loss_j is backpropagated one j at a time,
-    and the summed gradient is scaled by W / total units, which gives the same weighted mean.
+    number of passes (FSDP's and ZeRO-2's backward is collective): the units of every micro-batch, `units_fn(part)`
+    (what loss_fn counts, or its number of items), are added up over the processes first, and each loss_j is
+    backpropagated weighed by W * units_j / total, which gives the same weighted mean.
     """
-    from rto.distributed import gather_lists, is_sharded, share, share_weight, sharded_training, world
+    from rto.distributed import all_sum, gather_lists, share, share_weight, world
 
-    def zero_loss():  # zero gradients through the sharded layers' forward and backward (FSDP reduces inside)
+    def zero_loss():  # zero gradients through a forward and backward (FSDP and ZeRO-2 reduce inside)
         with accelerator.autocast():
             return loss_fn(epoch, items[:1])[0] * 0.0
+
+    def finish(ok: bool) -> float:
+        if engine is not None:
+            return end_batch([engine], ok)[0]
+        return clip_gradients([params], cfg.max_grad_norm, ok)[0]
 
     mine = share(items)
     size = cfg.micro_batch_size or len(items)
@@ -422,38 +453,36 @@ def batch_gradients(accelerator, params: list, loss_fn, epoch: int, items: list,
             with accelerator.autocast():
                 loss, stats, *counted = loss_fn(epoch, mine)
             units = float(counted[0]) if counted else len(mine)
-        elif sharded_training():
+        elif collective_backward():
             loss, stats = zero_loss(), {}
         else:  # a last batch smaller than the number of processes: this one contributes zero gradients
             loss, stats = sum(p.sum() for p in params) * 0.0, {}
         # every process's (units, mean loss, mean stats): the weights of the shares, then the batch's means
         shares = gather_lists([(units, loss.item(), {k: float(v) for k, v in stats.items()})])
-        (grad_norm,) = backward_and_clip(accelerator, loss * share_weight(units, sum(n for n, _, _ in shares)),
-                                         [params], cfg.max_grad_norm)
-        return grad_norm, *batch_means(shares)
+        ok = backward(accelerator, loss * share_weight(units, sum(n for n, _, _ in shares)), engine)
+        return finish(ok), *batch_means(shares)
+    parts = [mine[j * size : (j + 1) * size] for j in range(passes)]
+    counts = [float(units_fn(part)) if part else 0.0 for part in parts]
+    total = float(all_sum(sum(counts)))  # the batch's units, over every process
     ok, units, loss_sum, stat_sums = True, 0.0, 0.0, {}
-    for j in range(passes):
-        part = mine[j * size : (j + 1) * size]
+    for part, n in zip(parts, counts):
         if part:
             with accelerator.autocast():
                 loss, stats, *counted = loss_fn(epoch, part)
-            n = float(counted[0]) if counted else len(part)
-            ok = backward(accelerator, loss * n) and ok
+            if counted and float(counted[0]) != n:
+                raise RuntimeError(f"units_fn counted {n:g} units in a micro-batch whose loss averages {counted[0]}")
+            ok = backward(accelerator, loss * share_weight(n, total), engine) and ok
             units, loss_sum = units + n, loss_sum + loss.item() * n
             for k, v in stats.items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + float(v) * n
-        elif sharded_training():  # a smaller share: a zero pass, so that every process runs as many backwards
-            backward(accelerator, zero_loss())
+        elif collective_backward():  # a smaller share: a zero pass, so that every process runs as many backwards
+            backward(accelerator, zero_loss(), engine)
     shares = gather_lists([(units, loss_sum / units if units else 0.0, {k: v / units for k, v in stat_sums.items()})])
-    scale = share_weight(1.0, sum(n for n, _, _ in shares))
-    for p in params:
-        if p.grad is not None:
-            (p.grad.to_local() if is_sharded(p) else p.grad).mul_(scale)
-    (grad_norm,) = clip_gradients([params], cfg.max_grad_norm, ok)
-    return grad_norm, *batch_means(shares)
+    return finish(ok), *batch_means(shares)
 
 
-def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: PairTraining, loss_fn, desc: str) -> int:
+def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: PairTraining, loss_fn, desc: str,
+        units_fn=len) -> int:
     """The optimisation loop of the offline stages: AdamW with warm-up and cosine decay over shuffled
     batches of `train`; loss -> backward -> clip -> step, one log row per step; a checkpoint every
     `cfg.checkpoint_every` steps and after the last one. A run with `run.resume_from` restores that
@@ -462,7 +491,9 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
 
     `loss_fn(epoch, items) -> (loss, stats)` builds and scores one batch (a mean over `items`); a loss that is a
     mean over something else (SFT's over response tokens) returns `(loss, stats, units)`, how many terms it
-    averages. Returns the number of steps. A step's gradient is batch_gradients': with several processes each
+    averages, and `units_fn(items)` counts them without the forward pass (for micro-batches). Returns the number
+    of steps. Under a DeepSpeed launch (rto.zero) the model and its AdamW go into a ZeRO engine, which averages,
+    clips and steps. A step's gradient is batch_gradients': with several processes each
     takes its contiguous share of every batch, weighed by its share of the units, and the gradients are averaged;
     with cfg.micro_batch_size a share goes through in micro-batches. Either way a step equals the one-process step
     on the whole batch (up to float rounding); the logged loss and stats are the batch's means.
@@ -472,7 +503,8 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
     total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     optimizer, scheduler = make_optimizer(groups, total, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    models, stateful = {"model": model}, {"optimizer": optimizer, "scheduler": scheduler}
+    engine = engine_for(model, optimizer, cfg.max_grad_norm, "model", run.note)
+    models, stateful = {"model": model}, {"optimizer": engine or optimizer, "scheduler": scheduler}
     done = load_checkpoint(run.resume_from, models, stateful)["step"] if run.resume_from else 0
     guard = NonFiniteGuard(run, cfg.max_nonfinite_steps, desc)
     model.eval()  # dropout off: the log-probs and scores that enter the loss are those of the model itself;
@@ -481,9 +513,11 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
         for step, (epoch, items) in enumerate(batches(train, cfg.batch_size, cfg.epochs, cfg.seed), start=1):
             if step <= done:  # the data position of the checkpoint: these batches were trained on
                 continue
-            grad_norm, batch_loss, stats = batch_gradients(accelerator, params, loss_fn, epoch, items, cfg)
+            grad_norm, batch_loss, stats = batch_gradients(accelerator, params, loss_fn, epoch, items, cfg, engine,
+                                                           units_fn)
             if math.isfinite(grad_norm):
-                optimizer.step()
+                if engine is None:  # the engine has stepped
+                    optimizer.step()
                 guard.ok()
             else:
                 guard.skip(step, "gradient" if math.isfinite(batch_loss) else "loss")

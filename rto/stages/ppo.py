@@ -39,10 +39,11 @@ from rto.rewards import (REWARD_SOURCES, adaptive_kl_coef, check_sources, compos
 from rto.rollout import decode_responses, generate, off_policy_warning, score_sequences
 from rto.runtime import keep_rows, timed
 from rto.sequences import critic_values, probe_batch, token_logprobs, token_values
-from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, backward, clip_gradients,
-                               check_token_budget, drop_long_prompts, finite, frozen, make_optimizer, param_groups,
-                               role_tokenizer, shared_trunk_layers, start)
+from rto.stages.common import (Checkpointing, Common, NonFiniteGuard, Optimization, backward, check_token_budget,
+                               clip_gradients, drop_long_prompts, end_batch, finite, frozen, make_optimizer,
+                               param_groups, role_tokenizer, shared_trunk_layers, start)
 from rto.tasks import get_task, prompts_and_rows
+from rto.zero import engine_for
 
 REWARDS = ("rto", "sparse", "custom")
 
@@ -354,6 +355,12 @@ def run(cfg: PPOConfig) -> dict:
         trained["critic"] = ([p for p in critic.parameters() if p.requires_grad],
                              *make_optimizer(param_groups(critic, cfg.critic_lr), total, cfg))
     actor_sched = trained["actor"][2]
+    # under a DeepSpeed launch (rto.zero) each trained model and its AdamW go into a ZeRO engine, which averages,
+    # clips and steps; None otherwise
+    engines = {name: engine_for(model, trained[name][1], cfg.max_grad_norm, role, run_.note)
+               for name, model, role in (("actor", policy, "policy"), ("critic", critic, "critic")) if name in trained}
+    if not any(engines.values()):
+        engines = {}
     beta_kl = cfg.beta_kl
     history = []
     guard = NonFiniteGuard(run_, cfg.max_nonfinite_steps, f"ppo ({cfg.reward})", "iteration")
@@ -363,7 +370,7 @@ def run(cfg: PPOConfig) -> dict:
     models = {"policy": policy} if critic is None else {"policy": policy, "critic": critic}
     stateful = {}
     for name, (_, opt, sched) in trained.items():
-        stateful.update({f"{name}_opt": opt, f"{name}_sched": sched})
+        stateful.update({f"{name}_opt": engines.get(name) or opt, f"{name}_sched": sched})
     done = 0
     if run_.resume_from:
         state = load_checkpoint(run_.resume_from, models, stateful, {"minibatches": gen})
@@ -456,21 +463,25 @@ def run(cfg: PPOConfig) -> dict:
                             logp = token_logprobs(policy, b, part.trunk, n_shared, cfg.temperature)
                             pg_loss, pg_stats = policy_loss(logp, part.tokens.logp, part.tokens.advantages, m,
                                                             cfg.clip, cfg.loss_agg)
-                        ok = backward(accelerator, pg_loss * weight) and ok
+                        ok = backward(accelerator, pg_loss * weight, engines.get("actor")) and ok
                         part_stats = {"policy_loss": pg_loss, **pg_stats}
                         if critic is not None:
                             with accelerator.autocast():
                                 values = critic_values(token_values(critic, b, part.trunk, n_shared), b)
                                 vf_loss, vf_stats = value_loss(values, part.tokens.values, part.tokens.returns, m,
                                                                cfg.value_clip, cfg.loss_agg)
-                            ok = backward(accelerator, vf_loss * weight) and ok
+                            ok = backward(accelerator, vf_loss * weight, engines.get("critic")) and ok
                             part_stats.update({"value_loss": vf_loss, **vf_stats})
                         for k, v in part_stats.items():  # this process's minibatch means, over its micro-batches
                             v = float(v.detach() if torch.is_tensor(v) else v) * n / local
                             logged[k] = logged.get(k, 0.0) + v
-                    grad_norms = clip_gradients([params for params, _, _ in trained.values()], cfg.max_grad_norm, ok)
+                    if engines:  # each engine steps unless its gradient norm is NaN/inf (end_batch)
+                        grad_norms = end_batch([engines[name] for name in trained], ok)
+                    else:
+                        grad_norms = clip_gradients([params for params, _, _ in trained.values()], cfg.max_grad_norm,
+                                                    ok)
                     if all(math.isfinite(norm) for norm in grad_norms):
-                        for _, opt, _ in trained.values():
+                        for _, opt, _ in trained.values() if not engines else ():
                             opt.step()
                         guard.ok()
                     else:

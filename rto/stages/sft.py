@@ -39,18 +39,21 @@ def run(cfg: SFTConfig) -> dict:
     n_frozen = shared_trunk_layers([model], cfg.train_layers, probe, run_.note)
     shard_trained(model, "model", run_.note)  # FSDP launches: trained layers split over the processes
 
+    def tokens(items):
+        return response_batch(tokenizer, [p.prompt for p in items], [(p.chosen, p.chosen_ended) for p in items],
+                              cfg.system_prompt, cfg.max_response_tokens)
+
     def nll(items):
         """The mean NLL of the items' response tokens, and how many tokens it averages."""
-        batch = response_batch(tokenizer, [p.prompt for p in items], [(p.chosen, p.chosen_ended) for p in items],
-                               cfg.system_prompt, cfg.max_response_tokens)
-        batch = batch.to(accelerator.device)
+        batch = tokens(items).to(accelerator.device)
         return nll_loss(model, batch, shared_trunk(model, batch, n_frozen), n_frozen), int(batch.response_mask.sum())
 
     def loss(epoch, items):  # a token mean: with several processes each share weighs by its tokens (fit)
         value, tokens = nll(items)
         return value, {}, tokens
 
-    steps = fit(run_, accelerator, model, param_groups(model, cfg.lr), train, cfg, loss, "sft")
+    steps = fit(run_, accelerator, model, param_groups(model, cfg.lr), train, cfg, loss, "sft",
+                units_fn=lambda items: int(tokens(items).response_mask.sum()))
     summary = {"steps": steps, "train_rows": len(train)}
     if heldout:
         with gathered(model), accelerator.autocast():
