@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 from rto.config import ConfigError
 
@@ -130,6 +131,11 @@ class Engine:
             # the shared-memory all-reduce of its CPU backend (about a minute of compiling on a first start), which
             # rto does not use: its reductions go through torch.distributed. Nothing is probed or built.
             deepspeed.ops.__compatible_ops__ = {}
+        if not dist.is_initialized():  # one process (e.g. ZeRO-Offload on one GPU): DeepSpeed still wants a process
+            # group, here one of this process alone, its store in memory; and it reads its device from LOCAL_RANK
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=engine_config(max_grad_norm), dist_init_required=False)
@@ -149,6 +155,11 @@ class Engine:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the model's gradients through the engine (whose own buffers stay: with offload its step writes the
+        averaged gradient into a buffer that rto's AdamW's zero_grad would drop). `set_to_none` as torch's."""
+        self.engine.zero_grad()
 
     def state_dict(self) -> dict:
         from rto.distributed import gather_lists

@@ -561,6 +561,25 @@ def test_zero2_splits_the_optimizer_and_writes_what_one_process_writes(runs):
     assert done.stdout.count("pipeline: rto (ppo)") == 1
 
 
+@needs_deepspeed
+def test_zero_offload_in_one_process_trains_what_plain_training_trains(tiny_model, pairs_file, tmp_path):
+    """ZeRO-2 with the AdamW states in CPU memory (ZeRO-Offload, e.g. on one GPU), one process, several steps:
+    the weights of plain training within float rounding (rto's AdamW must not drop the engine's gradient buffer)."""
+    args = lambda out: ["sft", "--model", tiny_model, "--data", pairs_file, "--batch_size", "2", "--lr", "1e-2",  # noqa: E731
+                        "--eval_fraction", "0", "--train_layers", "2", "--progress", "false", "--threads", "1",
+                        "--precision", "fp32", "--out", str(tmp_path / out)]
+    offload = {**ZERO2, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
+    done = side_by_side({name: start(1, *args(name), logs=tmp_path / f"logs-{name}", env=env)
+                         for name, env in (("plain", None), ("offload", offload))})
+    for name in done:
+        assert done[name].returncode == 0, done[name].stderr[-3000:]
+    assert "split over 1 process (ZeRO-2, states in CPU memory)" in (tmp_path / "offload" / "log.txt").read_text()
+    start_weights = load_file(str(Path(tiny_model) / "model.safetensors"))
+    diff, moved = _difference_and_move(start_weights, _weights(tmp_path / "plain" / "model"),
+                                       _weights(tmp_path / "offload" / "model"))
+    assert moved > 1e-3 and diff < 1e-5 * moved, (diff, moved)
+
+
 @pytest.mark.parametrize("engine", [None, FSDP, pytest.param(ZERO2, marks=needs_deepspeed)],
                          ids=["ddp", "fsdp", "zero2"])
 def test_a_killed_two_process_run_resumes_where_it_stopped(runs, tiny_model, tmp_path, engine):

@@ -522,7 +522,7 @@ def fit(run: Run, accelerator, model, groups: list[dict], train: list, cfg: Pair
             else:
                 guard.skip(step, "gradient" if math.isfinite(batch_loss) else "loss")
             scheduler.step()  # a skipped batch still counts: the schedule follows the data position
-            optimizer.zero_grad(set_to_none=True)
+            (engine or optimizer).zero_grad(set_to_none=True)
             metrics = {"loss": batch_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                        "epoch": epoch, "skipped_steps": guard.skipped,
                        **{f"train/{k}": v for k, v in stats.items()}}

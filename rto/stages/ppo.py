@@ -486,9 +486,9 @@ def run(cfg: PPOConfig) -> dict:
                         guard.ok()
                     else:
                         guard.skip(it, "loss or gradient in a minibatch")
-                    for _, opt, sched in trained.values():
+                    for name, (_, opt, sched) in trained.items():
                         sched.step()
-                        opt.zero_grad(set_to_none=True)
+                        (engines.get(name) or opt).zero_grad(set_to_none=True)
                     logged.update({f"{name}_grad_norm": norm for name, norm in zip(trained, grad_norms)})
                     for k, v in logged.items():
                         stats.setdefault(k, []).append(v)
