@@ -613,16 +613,20 @@ def test_a_killed_two_process_run_resumes_where_it_stopped(runs, tiny_model, tmp
     assert [r["gold"] for r in rows(cut)] == [r["gold"] for r in rows(whole)]
 
 
-def test_lora_on_two_processes_trains_the_adapter_one_process_trains(runs, tiny_model, tmp_path):
-    """LoRA under data parallelism: only the adapter trains, its gradients averaged; 2 processes end within float
-    rounding of 1 process on the same global batches (minibatch = rollout)."""
+@pytest.mark.parametrize("engine", [None, pytest.param(ZERO2, marks=needs_deepspeed)], ids=["ddp", "zero2"])
+def test_lora_on_two_processes_trains_the_adapter_one_process_trains(runs, tiny_model, tmp_path, engine):
+    """LoRA under data parallelism, or ZeRO-2: only the adapter trains, its gradients averaged; 2 processes end
+    within float rounding of 1 process on the same global batches (minibatch = rollout)."""
     rm = str(runs[1][0] / "rm" / "model")
     args = lambda out: [*_ppo_args(tiny_model, rm, out), "--lora", "true", "--iterations", "2",  # noqa: E731
                         "--minibatch_size", "8", "--actor_lr", "1e-2"]
-    done = side_by_side({n: start(n, *args(tmp_path / f"lora{n}"), logs=tmp_path / f"logs{n}") for n in (1, 2)})
+    done = side_by_side({n: start(n, *args(tmp_path / f"lora{n}"), logs=tmp_path / f"logs{n}",
+                                  env=engine if n == 2 else None) for n in (1, 2)})
     for n in (1, 2):
         assert done[n].returncode == 0, done[n].stderr[-3000:]
     one, two = (load_file(str(tmp_path / f"lora{n}" / "policy" / "adapter_model.safetensors")) for n in (1, 2))
     moved = max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k)  # B starts at 0
     diff = max(float((one[k] - two[k]).abs().max()) for k in one)
-    assert moved > 1e-4 and diff < 0.01 * moved, (diff, moved)
+    # ZeRO-2 reduces in its own buckets and order, which Adam's first steps magnify: measured 0.85% of what
+    # training moved the adapter (2-core Xeon), so its bound is the 2% of the pipeline's comparisons
+    assert moved > 1e-4 and diff < (0.02 if engine else 0.01) * moved, (diff, moved)
