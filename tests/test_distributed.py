@@ -590,9 +590,10 @@ def test_a_killed_two_process_run_resumes_where_it_stopped(runs, tiny_model, tmp
         killed = launch(2, *_ppo_args(tiny_model, rm, cut), script=[str(KILLER), "2"], logs=tmp_path / "logs-cut",
                         env=engine)
         assert killed.returncode != 0 and not (cut / "DONE").exists()
-        # another number of processes would share the data differently: refused in one line
-        other = launch(1, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-other")
-        assert other.returncode == 1 and "written by a run of 2 process(es)" in other.stderr
+        if not engine:  # another number of processes would share the data differently: refused in one line (one
+            # check, whatever the engine; launched once)
+            other = launch(1, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-other")
+            assert other.returncode == 1 and "written by a run of 2 process(es)" in other.stderr
         if engine:  # with FSDP or ZeRO the optimizer states are grouped otherwise: a plain 2-process launch is refused
             plain = launch(2, *_ppo_args(tiny_model, rm, cut), logs=tmp_path / "logs-plain")
             written = "written with FSDP" if engine is FSDP else "written with DeepSpeed ZeRO-2"
