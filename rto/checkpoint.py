@@ -104,10 +104,16 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
     from rto.zero import zero_stage
 
     check_in_sync(models)  # several processes: their weights must be the same, and process 0 writes them
-    # sharded layers (rto.distributed) are gathered whole in every process (collectives), then written once
-    weights = {key: full(p.detach()).contiguous().cpu() for key, p in trainable(models).items()}
-    states = {k: full_state(v.state_dict()) for k, v in stateful.items()}
-    if not is_main():
+    # sharded layers (rto.distributed) are gathered whole one tensor at a time (collectives), and only process 0
+    # keeps them, in CPU memory, to write them once
+    main = is_main()
+    weights = {}
+    for key, p in trainable(models).items():
+        whole = full(p.detach())
+        if main:
+            weights[key] = whole.contiguous().cpu()
+    states = {k: full_state(v.state_dict(), keep=main) for k, v in stateful.items()}
+    if not main:
         return checkpoint_dir(out) / f"{PREFIX}{step:08d}"
     if checkpoint_dir(out).is_symlink():
         raise CheckpointError(f"{checkpoint_dir(out)} is a symbolic link; rto writes and deletes checkpoints only "

@@ -244,14 +244,19 @@ def gathered(*models):
             layer.set_reshard_after_forward(reshard)
 
 
-def full_state(obj):
-    """`obj` (a state dict, nested dicts/lists/tuples) with every sharded tensor gathered whole (collective: every
-    process calls it on the same structure)."""
+def full_state(obj, keep: bool = True):
+    """`obj` (a state dict, nested dicts/lists/tuples) with every sharded tensor gathered whole, and every tensor
+    moved to the CPU one at a time (collective: every process calls it on the same structure). With keep=False
+    (the processes that do not write a checkpoint) each tensor is dropped once gathered and None stands in its
+    place, so only the writing process ever holds the whole states, and not on the GPU."""
     if isinstance(obj, dict):
-        return {k: full_state(v) for k, v in obj.items()}
+        return {k: full_state(v, keep) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(full_state(v) for v in obj)
-    return full(obj).detach() if torch.is_tensor(obj) else obj
+        return type(obj)(full_state(v, keep) for v in obj)
+    if not torch.is_tensor(obj):
+        return obj
+    whole = full(obj).detach()
+    return whole.cpu() if keep else None
 
 
 def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -273,6 +278,16 @@ def gather_lists(items: list) -> list:
     parts: list = [None] * w
     dist.all_gather_object(parts, list(items))
     return [x for part in parts for x in part]
+
+
+def gather_to_main(item):
+    """Every process's `item` (picklable), in rank order, on process 0; None on the others."""
+    rank, w = world()
+    if w == 1:
+        return [item]
+    parts = [None] * w if rank == 0 else None
+    dist.gather_object(item, parts, dst=0)
+    return parts
 
 
 def broadcast(value):

@@ -117,7 +117,7 @@ class Engine:
     backward(loss) adds a loss's gradients (in every process, as often as every other process), step() ends the
     batch: averages, clips and updates, and returns the gradient norm before clipping (inf or NaN when the update
     was skipped). As an entry of a checkpoint's `stateful`, state_dict() gathers every process's optimizer share
-    (a collective) and load_state_dict() puts this process's share back."""
+    on process 0 (a collective) and load_state_dict() puts this process's share back."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                  role: str, note):
@@ -157,14 +157,16 @@ class Engine:
         return float("nan") if norm is None else float(norm)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the model's gradients through the engine (whose own buffers stay: with offload its step writes the
-        averaged gradient into a buffer that rto's AdamW's zero_grad would drop). `set_to_none` as torch's."""
+        """Drop the model's gradients (set to None, whatever `set_to_none`, which is there for the optimizer's
+        signature) through the engine, whose own buffers stay: with offload its step writes the averaged gradient
+        into a buffer that rto's AdamW's zero_grad would drop."""
         self.engine.zero_grad()
 
     def state_dict(self) -> dict:
-        from rto.distributed import gather_lists
+        """Every process's share of the optimizer states, on process 0 (which writes checkpoints; a collective)."""
+        from rto.distributed import full_state, gather_to_main
 
-        return {"shares": gather_lists([self.base.state_dict()])}
+        return {"shares": gather_to_main(full_state(self.base.state_dict()))}
 
     def load_state_dict(self, state: dict) -> None:
         from rto.distributed import world

@@ -84,6 +84,10 @@ def _two_process_checks(rank: int, init: str, results) -> None:
         mask = torch.tensor([[1, 1, 1]]) if rank == 0 else torch.tensor([[1, 1, 0]])
         out["whitened"] = masked_whiten(x, mask, moments=rd.masked_moments(x, mask)).tolist()
         out["gathered"] = rd.gather_lists([rank] * (rank + 1))
+        out["to_main"] = rd.gather_to_main({"rank": rank})
+        # a checkpoint's states: on the CPU in the writing process, dropped (None) in the others
+        kept = rd.full_state({"m": [torch.full((2,), float(rank))], "step": 3}, keep=rank == 0)
+        out["kept"] = {"m": [None if t is None else (t.device.type, t.tolist()) for t in kept["m"]], "step": kept["step"]}
         out["broadcast"] = rd.broadcast(f"from {rank}")
         out["any"] = rd.any_true(rank == 1)
         out["mean"] = rd.mean_over_processes({"m": float(rank), "label": "x"})
@@ -126,6 +130,8 @@ def test_the_rules_on_two_gloo_processes(tmp_path):
         assert out["mean"] == {"m": 0.5, "label": "x"}
         assert out["diverged"] and "differ between the 2 processes" in out["diverged"]
         assert out["closed"]
+    assert both[0]["to_main"] == [{"rank": 0}, {"rank": 1}] and both[1]["to_main"] is None
+    assert both[0]["kept"] == {"m": [("cpu", [0.0, 0.0])], "step": 3} and both[1]["kept"] == {"m": [None], "step": 3}
     joined = torch.tensor([1.0, 2.0, 9.0, 4.0, 7.0])
     expected = (joined - joined.mean()) / torch.sqrt(joined.var(unbiased=False) + 1e-8)
     assert both[0]["whitened"][0] == pytest.approx(expected[:3].tolist(), abs=1e-6)
@@ -301,7 +307,8 @@ def _zero_checks(rank: int, init: str, results, stage: int, offload: str) -> Non
         norm, loss, _ = batch_gradients(_Autocast(), list(model.parameters()), loss_fn, 0, [0, 1, 2], cfg, engine)
         stepped = [p.detach().clone().tolist() for p in model.parameters()]
         nan_norm, _, _ = batch_gradients(_Autocast(), list(model.parameters()), loss_fn, 1, [0, 1, 2], cfg, engine)
-        state = engine.state_dict()
+        local = engine.state_dict()  # process 0 holds every share; the others nothing
+        state = rd.broadcast(local)  # as every process reads it back from the checkpoint file
         fresh = _small_model()
         with torch.no_grad():
             for p, q in zip(fresh.parameters(), model.parameters()):
@@ -311,7 +318,7 @@ def _zero_checks(rank: int, init: str, results, stage: int, offload: str) -> Non
         again.load_state_dict(state)
         results[rank] = {"note": notes[0], "norm": norm, "loss": loss, "passes": passes[:2], "stepped": stepped,
                          "nan_norm": nan_norm, "after_nan": [p.detach().tolist() for p in model.parameters()],
-                         "shares": len(state["shares"]),
+                         "shares": len(state["shares"]), "held": local["shares"] is not None,
                          "same_share": all(torch.equal(a, b) for a, b in zip(
                              again.base.state[again.base.param_groups[0]["params"][0]].values(),
                              engine.base.state[engine.base.param_groups[0]["params"][0]].values()))}
@@ -340,6 +347,7 @@ def test_a_zero_engine_steps_as_one_process_and_skips_a_nan_everywhere(tmp_path,
             assert torch.allclose(torch.tensor(got), p.detach(), atol=1e-7)
         assert not math.isfinite(out["nan_norm"]) and out["after_nan"] == out["stepped"]  # skipped in both
         assert out["shares"] == 2 and out["same_share"]
+    assert results[0]["held"] and not results[1]["held"]
 
 
 def _small_model() -> torch.nn.Module:
