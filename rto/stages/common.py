@@ -205,13 +205,6 @@ def finite(x) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
 
-def backward_and_clip(accelerator, loss: torch.Tensor, param_sets: list[list], max_norm: float) -> list[float]:
-    """Backward pass, gradients averaged over processes (rto.distributed; nothing with one process), then clip
-    each parameter set to `max_norm`; returns their norms before clipping. A NaN/inf loss is not backpropagated
-    and gives NaN norms (in every process when one of them met it): the update goes ahead only if all are finite."""
-    return clip_gradients(param_sets, max_norm, backward(accelerator, loss))
-
-
 def backward(accelerator, loss: torch.Tensor, engine=None) -> bool:
     """Backpropagate `loss` unless it is NaN/inf; returns whether it was finite (for clip_gradients, or
     end_batch). When gradients are reduced inside the backward pass (collective_backward) every process
@@ -248,7 +241,10 @@ def end_batch(engines: list, ok: bool) -> list[float]:
 
 
 def clip_gradients(param_sets: list[list], max_norm: float, ok: bool) -> list[float]:
-    """The second half of backward_and_clip, after one or more `backward` calls (`ok`: all their losses finite)."""
+    """After one or more `backward` calls (`ok`: all their losses finite): the gradients averaged over processes
+    (rto.distributed; nothing with one process), then each parameter set clipped to `max_norm`; returns their norms
+    before clipping. A NaN/inf loss (`ok` false) gives NaN norms, in every process when one of them met it: the update
+    goes ahead only if all are finite. Without DeepSpeed (rto.zero: end_batch)."""
     from rto.distributed import average_gradients, is_sharded, world
 
     if world()[1] > 1:
