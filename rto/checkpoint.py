@@ -109,7 +109,8 @@ def save_checkpoint(out: str | Path, step: int, models: dict, stateful: dict, st
     main = is_main()
     weights = {}
     for key, p in trainable(models).items():
-        whole = full(p.detach())
+        with torch.no_grad():
+            whole = full(p)
         if main:
             weights[key] = whole.contiguous().cpu()
     states = {k: full_state(v.state_dict(), keep=main) for k, v in stateful.items()}
@@ -149,7 +150,7 @@ def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: 
     The models must have been built as at the start of the run (same start weights, same trainable
     parameters). The RNG states are restored last, so the run continues as if never stopped.
     """
-    from rto.distributed import reshard_like, reshard_optimizer_state, sharded_training, world
+    from rto.distributed import assign, reshard_optimizer_state, sharded_training, world
     from rto.zero import zero_stage
 
     path = Path(path)
@@ -186,9 +187,8 @@ def load_checkpoint(path: str | Path, models: dict, stateful: dict, generators: 
         missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
         raise CheckpointError(f"checkpoint {path} does not match the models: missing {missing[:3]}, unexpected "
                               f"{extra[:3]}; was it written with other models or another train_layers?")
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(reshard_like(weights[key], p))  # a sharded parameter takes its own shard
+    for key, p in params.items():
+        assign(p, weights[key])  # a sharded parameter takes its own shard, a ZeRO-3 one its own share
     for name, obj in stateful.items():
         obj.load_state_dict(saved["stateful"][name])
         if isinstance(obj, torch.optim.Optimizer):

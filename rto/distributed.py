@@ -167,11 +167,15 @@ def shard_frozen(model: torch.nn.Module, role: str, n_shared: int, note) -> int:
     the `n_shared` bottom layers that every role shares (rto.trunk, kept whole) with FSDP2's fully_shard, resharded
     after every forward: a process holds 1/W of their weights and gathers one layer at a time while the role scores.
     Every process must then run as many forward passes of the role (its layers gather collectively), which the
-    stages keep by giving each process an equal share. Returns how many layers were wrapped (0 without sharding)."""
+    stages keep by giving each process an equal share. Returns how many layers were wrapped (0 without sharding).
+    Under DeepSpeed ZeRO-3 (no trunk shared there) the role's weights are split by rto.zero.split_frozen instead."""
+    from rto.models import decoder_of
+    from rto.zero import split_frozen
+
+    if split_frozen(model, role, note):
+        return len(decoder_of(model).layers)
     if not sharded_training():
         return 0
-    from rto.models import decoder_of
-
     layers = list(decoder_of(model).layers)[n_shared:]
     _shard_layers(model, layers, True)
     note(f"fsdp: the {role}'s {len(layers)} frozen layers above the shared trunk sharded over {world()[1]} processes "
@@ -202,8 +206,25 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a sharded one gathered from every process (all must call it), any other as it is."""
+    """The whole tensor: a sharded one (FSDP) or a ZeRO-3 parameter (rto.zero) gathered from every process (all
+    must call it), any other as it is."""
+    from rto.zero import partitioned, whole_copy
+
+    if partitioned(t):
+        return whole_copy(t)
     return t.full_tensor() if is_sharded(t) else t
+
+
+def assign(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Set parameter `p` to the whole `value` (the same in every process): a sharded parameter takes its own shard
+    of it, a ZeRO-3 one its own share (both collectives), any other all of it."""
+    from rto.zero import assign as assign_share, partitioned
+
+    with torch.no_grad():
+        if partitioned(p):
+            assign_share(p, value)
+        else:
+            p.copy_(reshard_like(value, p))
 
 
 def reshard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -228,15 +249,19 @@ def has_sharded_layers(model: torch.nn.Module) -> bool:
 
 @contextmanager
 def gathered(*models):
-    """Hold the sharded layers of `models` whole until the block ends (sampling, no-gradient scoring, saving):
-    their weights are gathered once, and forward passes inside need no collective, so processes may run
-    different numbers of them. Nothing happens without sharded layers."""
+    """Hold the sharded layers of `models` (FSDP), and the weights of those split by ZeRO-3 (rto.zero.whole), whole
+    until the block ends (sampling, no-gradient scoring, saving): their weights are gathered once, and forward
+    passes inside need no collective, so processes may run different numbers of them. Nothing happens without
+    sharded layers or ZeRO-3."""
+    from rto.zero import whole
+
     layers = _fsdp_layers(models)
     for layer in layers:
         layer.set_reshard_after_forward(False)
         layer.unshard()
     try:
-        yield
+        with whole(*models):
+            yield
     finally:
         reshard = _reshard_after_forward()
         for layer in layers:
@@ -343,7 +368,8 @@ def check_in_sync(models: dict[str, torch.nn.Module]) -> None:
     if w == 1:
         return
     for role, model in models.items():
-        params = [full(p.detach()).double() for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            params = [full(p).double() for p in model.parameters() if p.requires_grad]
         local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)]) if params else \
             torch.zeros(2, dtype=torch.float64)
         low, high = local.clone(), local.clone()

@@ -122,9 +122,16 @@ def save_model(model, tokenizer, folder: str | Path, replace: bool = True, meta:
     the run folder's config.yaml, with `metrics` (the run's headline numbers) when given."""
     from rto.cards import write_card
     from rto.distributed import full_state, has_sharded_layers, is_main
+    from rto.zero import partitioned, whole
 
-    # sharded training: every process gathers the whole weights of the sharded layers (a collective)
+    # sharded training: every process gathers the whole weights of the sharded layers (a collective); under
+    # ZeRO-3, of the whole model, and process 0 keeps a copy in CPU memory
     state = full_state(model.state_dict()) if has_sharded_layers(model) else None
+    if any(partitioned(p) for p in model.parameters()):
+        with whole(model):
+            copies: dict = {}  # tied weights (one tensor under two names) stay one tensor, as save_pretrained expects
+            state = {k: copies.setdefault(v.data_ptr(), v.detach().cpu().clone())
+                     for k, v in model.state_dict().items()} if is_main() else None
     if not is_main():  # several processes hold the same weights (rto.distributed): process 0 writes them
         return Path(folder)
     with atomic_folder(folder, replace) as tmp:

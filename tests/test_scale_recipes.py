@@ -423,6 +423,8 @@ LAUNCH = {  # file -> (distributed type, processes, mixed precision, CPU only); 
     "zero2-cpu-2.yaml": ("DEEPSPEED", 2, "no", True),
     "zero2-8gpu.yaml": ("DEEPSPEED", 8, "bf16", False),
     "zero2-offload-8gpu.yaml": ("DEEPSPEED", 8, "bf16", False),
+    "zero3-cpu-2.yaml": ("DEEPSPEED", 2, "no", True),
+    "zero3-8gpu.yaml": ("DEEPSPEED", 8, "bf16", False),
 }
 
 
@@ -441,7 +443,8 @@ def test_launch_config_loads_with_accelerates_loader(name):
     else:
         assert not config.fsdp_config
     if kind == "DEEPSPEED":  # the settings rto carries out (rto.zero.check_deepspeed), nothing it would refuse
-        assert config.deepspeed_config == {"zero_stage": 2, "offload_param_device": "none", "zero3_init_flag": False,
+        assert config.deepspeed_config == {"zero_stage": int(name[4]), "offload_param_device": "none",
+                                           "zero3_init_flag": False,
                                            "offload_optimizer_device": "cpu" if "offload" in name else "none",
                                            "gradient_accumulation_steps": 1}
     else:
@@ -476,11 +479,14 @@ dist.destroy_process_group()  # as rto's command line does (rto.distributed.clos
 """
 
 
+NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed "
+                                     "(pip install -e '.[deepspeed]'; the README's test command installs it)")
+
+
 @pytest.mark.parametrize("name, sharded, stage", [
     ("ddp-cpu-2.yaml", False, 0), ("fsdp-cpu-2.yaml", True, 0),
-    pytest.param("zero2-cpu-2.yaml", False, 2, marks=pytest.mark.skipif(
-        importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install -e "
-        "'.[deepspeed]'; the README's test command installs it)"))])
+    pytest.param("zero2-cpu-2.yaml", False, 2, marks=NEEDS_DEEPSPEED),
+    pytest.param("zero3-cpu-2.yaml", False, 3, marks=NEEDS_DEEPSPEED)])
 def test_cpu_launch_config_starts_two_gloo_processes(tmp_path, name, sharded, stage):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
@@ -490,6 +496,6 @@ def test_cpu_launch_config_starts_two_gloo_processes(tmp_path, name, sharded, st
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     reports = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
-    # 1 + 2 summed over gloo; with the FSDP config rto's processes shard, with the ZeRO-2 one they run ZeRO-2
+    # 1 + 2 summed over gloo; with the FSDP config rto's processes shard, with a ZeRO one they run its stage
     # (accelerate itself reports MULTI_CPU: rto carries both out)
     assert reports == {f"rank{r}.json": [2, "gloo", "MULTI_CPU", 3.0, sharded, stage] for r in (0, 1)}

@@ -245,8 +245,10 @@ def test_adamw_runs_fused_and_updates_as_the_reference_loop():
 
 
 @pytest.mark.parametrize("variables, words", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["ZeRO stage 3", "fsdp"]),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, ["ZeRO stage 0", "ddp"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}, ["ZeRO stage 4", "1, 2 or 3"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, ["zero3_init_flag"]),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, ["deepspeed_config_file"]),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, ["offload_param_device"]),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"}, ["nvme"]),
@@ -263,7 +265,7 @@ def test_an_engine_setting_rto_does_not_carry_out_is_refused(capsys, tmp_path, t
                                                              variables, words):
     """`accelerate launch` sets these variables from its config; on CPU accelerate would quietly run plain
     processes instead of DeepSpeed or Megatron-LM, and rto carries out FSDP2 without offloading and DeepSpeed ZeRO
-    stages 1 and 2 with its own config only: the stage says so in one line before it starts."""
+    stages 1-3 with its own config only: the stage says so in one line before it starts."""
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     err = _one_line(capsys, ["dpo", "--model", tiny_model, "--pairs", pairs_file, "--progress", "false",

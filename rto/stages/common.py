@@ -19,7 +19,7 @@ from rto.config import ConfigError, check_fields
 from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences
 from rto.models import check_tokenizers, load_tokenizer
-from rto.trunk import checked_trunk_layers, share_trunk_weights
+from rto.trunk import checked_trunk_layers, frozen_layers, share_trunk_weights
 from rto.zero import engine_for
 from rto.rollout import encode_prompts, encode_response
 from rto.runtime import (NonFiniteError, Run, check_report_to, folder_state, make_accelerator, resolve_precision,
@@ -332,12 +332,21 @@ def make_optimizer(groups, total_steps: int, opt: Optimization):
     return optimizer, scheduler
 
 
-def shared_trunk_layers(models: list, train_layers: int | None, probe: SeqBatch, note) -> int:
+def shared_trunk_layers(models: list, train_layers: int | None, probe: SeqBatch, note, trains: bool = True) -> int:
     """How many bottom layers every role can share, proven on `probe` (e.g. rto.sequences.probe_batch of the
     run's first prompts); 0 when nothing is frozen or sharing would change a result, with the reason passed to
     `note` (e.g. run.note): each role then runs its full stack. A count > 0 is noted too, in one line (how many
     layers, for how many roles), so a run's log says whether it shared; the roles then hold one copy of the trunk's
-    weights (rto.trunk.share_trunk_weights). See rto.trunk.checked_trunk_layers."""
+    weights (rto.trunk.share_trunk_weights). See rto.trunk.checked_trunk_layers. Under DeepSpeed ZeRO-3 a stage that
+    `trains` shares nothing: the engine splits the trained model's frozen bottom layers too, which the other roles
+    would read."""
+    from rto.zero import zero_stage
+
+    if zero_stage() == 3 and trains:
+        if frozen_layers(models[0], train_layers):
+            note("trunk sharing off: under DeepSpeed ZeRO-3 the trained models' frozen layers are split over the "
+                 "processes with the rest, so each role runs its full stack")
+        return 0
     n = checked_trunk_layers(models, train_layers, probe, note)
     if n:
         freed = share_trunk_weights(models, n)

@@ -197,7 +197,8 @@ def run(cfg: EvalConfig) -> dict:
         roles = [m for m in (model, ref, rm, heat_dpo) if m is not None]
         scored = score_sequences(
             rollout.batch, ref=ref, policy=None if same_as_ref else model, dpo=heat_dpo, rm=rm,
-            n_shared=shared_trunk_layers(roles, cfg.train_layers, probe, run_.note), temperature=cfg.temperature,
+            n_shared=shared_trunk_layers(roles, cfg.train_layers, probe, run_.note, trains=False),
+            temperature=cfg.temperature,
             chunk=cfg.score_batch_size, autocast=accelerator.autocast, device=device,
         )
         scored = {k: v.cpu() for k, v in scored.items()}
