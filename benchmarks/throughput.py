@@ -325,8 +325,10 @@ def summarize(samples: list[dict], limits: dict | None, args: argparse.Namespace
                 entry["sources"] = sorted({json.dumps(s["source"], sort_keys=True) for s in ok if "source" in s})
                 flops = phase_flops(kind.removesuffix("_before"), SMOLLM2_135M, args.rollout_size, prompt_tokens,
                                     args.max_new_tokens, GROUPS[group], args.ppo_epochs,
-                                    policy_rescored=kind.endswith("_before"),  # the older tree rescored it,
-                                    trunk_from_sampler=kind in ("ours_rto", "ours_ppo"))  # and ran the trunk
+                                    # the older tree rescored the policy and ran the trunk; the current one
+                                    # rescores the policy's top layers under bf16, on the sampler's trunk states
+                                    policy_rescored=kind.endswith("_before") or args.precision == "bf16",
+                                    trunk_from_sampler=kind in ("ours_rto", "ours_ppo"))
                 entry["flops"] = flops
                 if limits and f"peak_{args.precision}_gflops" in limits:  # against the run's precision's rates
                     median_s = {p: entry["phase_s"][p]["median"] for p in PHASES}

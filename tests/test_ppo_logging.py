@@ -10,10 +10,10 @@ from rto.stages.ppo import PPOConfig, run
 
 def _config(tmp_path, tiny_model, name, **kw):
     kw.setdefault("reward_model", tiny_model)
+    kw.setdefault("precision", "fp32")
     return PPOConfig(out=str(tmp_path / name), reward="sparse", policy=tiny_model,
                      iterations=3, rollout_size=4, minibatch_size=2, max_new_tokens=6, train_layers=2, progress=False,
-                     precision="fp32", actor_lr=1e-3, critic_lr=1e-3, warmup_ratio=0.3, min_lr_ratio=0.0,
-                     temperature=0.9, **kw)
+                     actor_lr=1e-3, critic_lr=1e-3, warmup_ratio=0.3, min_lr_ratio=0.0, temperature=0.9, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,32 @@ def test_a_skipped_rollout_still_advances_the_schedules(tmp_path, tiny_model, me
     # the learning rate after each iteration is where an unskipped run has it: the schedule follows the data
     assert [r["lr"] for r in skipped] == pytest.approx([r["lr"] for r in metrics])
     assert len({r["lr"] for r in metrics}) == 3  # (warm-up then decay: the check above could fail)
+
+
+def test_under_bf16_the_policy_is_rescored_on_the_samplers_trunk(tmp_path, tiny_model, monkeypatch):
+    """Under bf16 the scoring pass reruns the policy (the update's forward must give its old log-probs), but only its
+    top layers, on the trunk states the sampler kept while it drew the tokens: no role runs the frozen bottom layers
+    again, and the update reads the same states."""
+    import rto.stages.ppo as ppo
+    from rto.models import decoder_of
+
+    bottom_runs, real_score = [], ppo.score_rollout
+
+    def score(rollout, texts, rows, group, gold_scorer, roles, *args, **kwargs):
+        assert rollout.trunk is not None  # the sampler kept the trunk's states
+        hooks = [decoder_of(m).layers[0].register_forward_hook(lambda *_: bottom_runs.append(1))
+                 for m in roles.values() if m is not None]
+        try:
+            return real_score(rollout, texts, rows, group, gold_scorer, roles, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(ppo, "score_rollout", score)
+    run(_config(tmp_path, tiny_model, "bf16", precision="bf16"))
+    rows = read_metrics(tmp_path / "bf16")
+    log = (tmp_path / "bf16" / "log.txt").read_text()
+    assert "trunk sharing on" in log and "precision bf16" in log
+    assert bottom_runs == []
+    # rescored: the sampler's log-probs against the top layers' full forward in bf16, rounding apart
+    assert all(0 < row["sampler_logp_gap"] < 0.05 for row in rows), [row["sampler_logp_gap"] for row in rows]

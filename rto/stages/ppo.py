@@ -167,8 +167,9 @@ class PPOConfig(LoraOptions, Checkpointing, Optimization, Common):
     log-probs are from it (sampler_logp_gap). Off: PPO's old log-probs and the entropy are the sampler's own
     (fp32, the distribution each token was drawn from), one forward less per iteration, and with a shared trunk
     (train_layers) so are the trunk's hidden states (the sampler computed them; the scoring pass does not
-    recompute them). The policy is always rescored under bf16 and with top_k / top_p (their sampler logits come
-    from transformers' generate)."""
+    recompute them). The policy is always rescored under bf16 (its top layers only, on the sampler's trunk
+    states, which the update reads too) and with top_k / top_p (their sampler logits come from transformers'
+    generate; the trunk is recomputed)."""
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -381,7 +382,12 @@ def run(cfg: PPOConfig) -> dict:
     if run_.writer:
         keep_rows(run_.dir / "rollouts.jsonl", lambda row: row["iteration"] <= done)
     pure = not cfg.top_k and cfg.top_p >= 1.0  # pure sampling takes per-response seeds (rollout.generate)
-    rescore = rescore_needed(cfg, accelerator)  # else the sampler's log-probs, entropies and trunk states are used
+    rescore = rescore_needed(cfg, accelerator)  # else the sampler's log-probs and entropies are used
+    # the shared trunk's states are the sampler's whenever rto's decode loop samples (not through transformers'
+    # generate, for top_k / top_p), also when the policy is rescored under bf16: the scoring pass then runs the
+    # policy's top layers on them, as the update does (its old log-probs and its ratio's numerator read the same
+    # trunk). --rescore_policy true recomputes the trunk too, so that sampler_logp_gap measures the whole forward.
+    sampler_trunk = n_shared if pure and not cfg.rescore_policy else 0
 
     for it in tqdm(range(done + 1, cfg.iterations + 1), desc=f"ppo ({cfg.reward})", unit="iter",
                    initial=done, total=cfg.iterations, disable=not cfg.progress):
@@ -400,7 +406,7 @@ def run(cfg: PPOConfig) -> dict:
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                batch_size=cfg.generation_batch_size, autocast=accelerator.autocast, desc="rollout",
                                progress=cfg.progress, return_logprobs=True, seeds=seeds,
-                               trunk_layers=0 if rescore else n_shared)
+                               trunk_layers=sampler_trunk)
 
         # 2. scoring (and the gold score, logged only)
         with timed(times, "time_score_s"), gathered(policy, critic):
