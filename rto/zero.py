@@ -23,8 +23,9 @@ What the engine takes over and what stays rto's:
 - checkpoints hold the whole weights, as always, and every process's share of the optimizer states (gathered
   into trainer.pt, read back with weights_only=True); a resume needs the same stage and number of processes.
 
-Under ZeRO-3 the frozen roles (reference, DPO model, reward model) stay whole in every process, and no trunk is
-shared (the engine splits the policy's frozen bottom layers, which the other roles would read).
+Under ZeRO-3 the frozen roles (reference, DPO model, reward model) are split the same way, in engines without
+optimizer (`split_frozen`), and no trunk is shared (the engine splits the policy's frozen bottom layers, which the
+other roles would read).
 """
 
 from __future__ import annotations
