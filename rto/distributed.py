@@ -218,11 +218,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def assign(p: torch.Tensor, value: torch.Tensor) -> None:
     """Set parameter `p` to the whole `value` (the same in every process): a sharded parameter takes its own shard
     of it, a ZeRO-3 one its own share (both collectives), any other all of it."""
-    from rto.zero import assign as assign_share, partitioned
+    from rto.zero import gathered_params, partitioned
 
     with torch.no_grad():
         if partitioned(p):
-            assign_share(p, value)
+            with gathered_params([p], modifier_rank=0):  # process 0's value is cut into every process's share
+                p.copy_(value)
         else:
             p.copy_(reshard_like(value, p))
 
@@ -363,13 +364,17 @@ def barrier() -> None:
 
 def check_in_sync(models: dict[str, torch.nn.Module]) -> None:
     """Raise when the trainable weights differ between processes (they must stay identical under averaged
-    gradients): compares the sum and the sum of squares of every role's trainable parameters, exactly."""
+    gradients): compares the sum and the sum of squares of every role's trainable parameters held whole in every
+    process, exactly. Split parameters (FSDP shards, ZeRO-3 shares) are one copy cut in pieces, so they cannot
+    differ, and are not gathered for it."""
+    from rto.zero import partitioned
+
     _, w = world()
     if w == 1:
         return
     for role, model in models.items():
-        with torch.no_grad():
-            params = [full(p).double() for p in model.parameters() if p.requires_grad]
+        params = [p.detach().double() for p in model.parameters()
+                  if p.requires_grad and not is_sharded(p) and not partitioned(p)]
         local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)]) if params else \
             torch.zeros(2, dtype=torch.float64)
         low, high = local.clone(), local.clone()

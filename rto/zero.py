@@ -155,7 +155,7 @@ class Engine:
     def poison(self) -> None:
         """Make this batch's gradient NaN, so that step() skips the update (every process must call it)."""
         self.optimizer.clear_backward_seen_flag()
-        with _gathered_params(self.params if self.stage == 3 else []):  # ZeRO-3: gradients of whole weights
+        with gathered_params(self.params if self.stage == 3 else []):  # ZeRO-3: gradients of whole weights
             self.engine.backward(sum(p.sum() for p in self.params) * float("nan"), scale_wrt_gas=False)
 
     def step(self) -> float:
@@ -249,7 +249,7 @@ def partitioned(t) -> bool:
 
 
 @contextmanager
-def _gathered_params(params: list, modifier_rank: int | None = None):
+def gathered_params(params: list, modifier_rank: int | None = None):
     """DeepSpeed's GatheredParameters over `params` (a collective); nothing when the list is empty."""
     if not params:
         yield
@@ -262,15 +262,8 @@ def _gathered_params(params: list, modifier_rank: int | None = None):
 
 def whole_copy(p: torch.Tensor) -> torch.Tensor:
     """A ZeRO-3 parameter's whole value, gathered from every process (all must call it), as a detached copy."""
-    with torch.no_grad(), _gathered_params([p]):
+    with torch.no_grad(), gathered_params([p]):
         return p.detach().clone()
-
-
-def assign(p: torch.Tensor, value: torch.Tensor) -> None:
-    """Set a ZeRO-3 parameter to the whole `value` (the same in every process; all must call it): each process
-    keeps its own share of it."""
-    with torch.no_grad(), _gathered_params([p], modifier_rank=0):
-        p.copy_(value)
 
 
 @contextmanager
@@ -289,7 +282,7 @@ def whole(*models):
     from deepspeed.runtime.zero import parameter_offload
 
     params = [p for offload in offloads for p in offload.module.parameters()]
-    with _gathered_params(params):
+    with gathered_params(params):
         for offload in offloads:
             offload._remove_module_hooks()
             offload.forward_hooks, offload.backward_hooks = [], []

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
+
+# the tests of DeepSpeed's engines (tests/test_distributed.py, tests/test_scale_recipes.py) need the optional extra
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install -e "
+                                     "'.[deepspeed]'; the README's test command installs it)")
 
 
 def make_tiny_model(folder, layers: int = 4, hidden: int = 64, seed: int = 0):

@@ -21,19 +21,12 @@ from safetensors.torch import load_file
 from rto import distributed as rd
 from rto.advantages import masked_whiten
 from rto.stages.common import batch_means
+from tests.conftest import HAS_DEEPSPEED, needs_deepspeed
 
 KILLER = Path(__file__).with_name("kill_at_step.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _has_deepspeed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("deepspeed") is not None
-
-
-needs_deepspeed = pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed (pip install -e "
-                                     "'.[deepspeed]'; the README's test command installs it)")
 GPUS = torch.cuda.device_count()
 needs_two_gpus = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs (found {GPUS}): the engines over NCCL; "
                                     "the CPU tests of this file run the same code paths over gloo")
@@ -499,7 +492,7 @@ def runs(tmp_path_factory, tiny_model):
     process's share of a batch in micro-batches of 1 (a share smaller than the other's makes zero passes to match
     its number of backwards, as their backward is collective)."""
     tmp = tmp_path_factory.mktemp("distributed")
-    folders = {n: tmp / f"p{n}" for n in (1, 2, "fsdp", *(["zero2", "zero3"] if _has_deepspeed() else []))}
+    folders = {n: tmp / f"p{n}" for n in (1, 2, "fsdp", *(["zero2", "zero3"] if HAS_DEEPSPEED else []))}
     recipes = {n: _recipe(tmp, tiny_model, folders[n], 1 if n in ENGINES else None) for n in folders}
     done = side_by_side({n: start(2 if n in ENGINES else n, "pipeline", str(recipes[n]), logs=tmp / f"logs{n}",
                                   env=ENGINES.get(n)) for n in folders})

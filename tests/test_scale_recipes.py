@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import yaml
 from rto.stages.dpo import DPOConfig
 from rto.stages.pipeline import PipelineConfig, load_recipe, run, stage_configs
 from rto.stages.ppo import PPOConfig
+from tests.conftest import needs_deepspeed
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
@@ -479,14 +479,10 @@ dist.destroy_process_group()  # as rto's command line does (rto.distributed.clos
 """
 
 
-NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed "
-                                     "(pip install -e '.[deepspeed]'; the README's test command installs it)")
-
-
 @pytest.mark.parametrize("name, sharded, stage", [
     ("ddp-cpu-2.yaml", False, 0), ("fsdp-cpu-2.yaml", True, 0),
-    pytest.param("zero2-cpu-2.yaml", False, 2, marks=NEEDS_DEEPSPEED),
-    pytest.param("zero3-cpu-2.yaml", False, 3, marks=NEEDS_DEEPSPEED)])
+    pytest.param("zero2-cpu-2.yaml", False, 2, marks=needs_deepspeed),
+    pytest.param("zero3-cpu-2.yaml", False, 3, marks=needs_deepspeed)])
 def test_cpu_launch_config_starts_two_gloo_processes(tmp_path, name, sharded, stage):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
