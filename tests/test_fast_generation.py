@@ -334,9 +334,32 @@ def test_the_preallocated_cache_samples_what_a_growing_cache_samples(tiny, monke
     stop = {free[0][2], free[4][5]}
     kw = dict(max_new_tokens=10, eos_ids=stop, pad_id=tokenizer.pad_token_id, seeds=seeds)
     ours = sample(model, prompts, **kw)
-    monkeypatch.setattr(rto.decoding, "new_cache", lambda config, capacity: rto.decoding.DynamicCache(config=config))
+    monkeypatch.setattr(rto.decoding, "new_cache",
+                        lambda config, capacity, dtype=None: rto.decoding.DynamicCache(config=config))
     theirs = sample(model, prompts, **kw)
     assert any(ours[1]) and not all(ours[1])  # some rows ended early, some ran to the budget
+    assert ours[:4] == theirs[:4]
+
+
+def test_under_bf16_the_cache_holds_bf16_and_the_rollout_is_the_same_bit_for_bit(tiny, monkeypatch):
+    """Under bf16 autocast the cache stores keys and values in bf16 (attention casts them to bf16 anyway): the
+    same tokens, log-probs and entropies, bit for bit, as a cache that keeps the fp32 keys the layers give."""
+    model, tokenizer = tiny
+    kw = dict(max_new_tokens=8, eos_ids=set(), pad_id=tokenizer.pad_token_id, seeds=[1, 2, 3, 4, 5],
+              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    made = []
+    new_cache = rto.decoding.new_cache
+
+    def spy(config, capacity, dtype=None):
+        made.append(new_cache(config, capacity, dtype))
+        return made[-1]
+
+    monkeypatch.setattr(rto.decoding, "new_cache", spy)
+    ours = sample(model, _prompts(tokenizer), **kw)
+    assert {layer.key_buffer.dtype for layer in made[-1].layers} == {torch.bfloat16}
+    monkeypatch.setattr(rto.decoding, "new_cache", lambda config, capacity, dtype=None: spy(config, capacity))
+    theirs = sample(model, _prompts(tokenizer), **kw)
+    assert {layer.key_buffer.dtype for layer in made[-1].layers} == {torch.float32}
     assert ours[:4] == theirs[:4]
 
 
