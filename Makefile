@@ -26,5 +26,6 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[deepspeed]"
 	touch $@
 
+# (the run ends with its 20 slowest tests)
 test: install $(VENV)/.deepspeed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
