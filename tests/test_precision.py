@@ -73,11 +73,13 @@ def test_auto_precision_from_cpu_flags_end_to_end(monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_dpo_steps_in_both_precisions(tmp_path, tiny_model, precision):
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_dpo_steps_in_both_precisions(monkeypatch, tmp_path, tiny_model, precision, native_bf16):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Describe item {i}.", "chosen": "A lovely, great thing.",
                                          "rejected": "A sad, bad thing.", "chosen_ended": True,
                                          "rejected_ended": i % 2 == 0}) + "\n" for i in range(8)))
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
     out = tmp_path / precision
     summary = run(DPOConfig(out=str(out), model=tiny_model, pairs=str(pairs), batch_size=4, epochs=1, lr=1e-3,
                             eval_fraction=0.25, precision=precision, train_layers=2, progress=False))
@@ -88,3 +90,6 @@ def test_dpo_steps_in_both_precisions(tmp_path, tiny_model, precision):
     assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # bf16 asked for on a CPU that only emulates it: the log says so (and what auto would pick)
+    emulated = "bf16 on a CPU without native bf16" in (out / "log.txt").read_text()
+    assert emulated == (precision == "bf16" and not native_bf16)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from rto import runtime
 from rto.config import ConfigError, check_fields
 from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences
@@ -148,8 +149,13 @@ def start(cfg: Common, name: str) -> tuple[Run, object]:
         cfg.progress = False  # progress bars and log lines come from process 0 only
         resume_from = broadcast(None)
         run = Run(cfg.out, cfg, resume_from=resume_from, accelerator=accelerator, stage=name)
-    run.note(f"{name}: precision {resolve_precision(cfg.precision)}, device {accelerator.device}, out {run.dir}"
+    precision = resolve_precision(cfg.precision)
+    run.note(f"{name}: precision {precision}, device {accelerator.device}, out {run.dir}"
              + (f"; resuming from {resume_from}" if resume_from else ""))
+    if precision == "bf16" and accelerator.device.type == "cpu" and not runtime.cpu_has_native_bf16():
+        run.note(f"{name}: bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX flag): its bf16 products are "
+                 "emulated and run slower than fp32's (about 4x for SmolLM2's on a 2-core AVX512 Xeon); "
+                 "--precision auto picks fp32 on this CPU")
     return run, accelerator
 
 
