@@ -154,7 +154,7 @@ def start(cfg: Common, name: str) -> tuple[Run, object]:
              + (f"; resuming from {resume_from}" if resume_from else ""))
     if precision == "bf16" and accelerator.device.type == "cpu" and not runtime.cpu_has_native_bf16():
         run.note(f"{name}: bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX flag): its bf16 products are "
-                 "emulated and run slower than fp32's (about 4x for SmolLM2's on a 2-core AVX512 Xeon); "
+                 "emulated, slower than fp32's (about 4x for SmolLM2's weights on a 2-core AVX512 Xeon); "
                  "--precision auto picks fp32 on this CPU")
     return run, accelerator
 
