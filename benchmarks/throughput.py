@@ -26,6 +26,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -451,7 +452,9 @@ def plot(table: dict, path: Path, title: str) -> None:
         ax.set_title("every layer trained" if group == "all" else "top 6 of 30 layers trained")
         for i, m in enumerate(med):
             ax.text(i, m, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    # wrapped to the figure's width (about 75 characters of 9-point text per 5.5-inch panel): a machine's name
+    # and the date made one line wider than a one-panel figure
+    fig.suptitle(textwrap.fill(title, 75 * len(groups)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -173,3 +173,25 @@ def test_a_bf16_run_is_kept_apart_and_asks_every_contender_for_bf16(tmp_path, mo
     assert (tb.results_name(fp32), tb.results_name(bf16)) == ("throughput", "throughput-bf16")
     limits = {"decode_step_floor": {"ceiling_tokens_per_s": 300.0}}
     assert tb.generation_ceiling(limits, "fp32") == 300.0 and tb.generation_ceiling(limits, "bf16") is None
+
+
+@pytest.mark.parametrize("groups", [["top6"], ["all", "top6"]])
+def test_the_plot_title_stays_inside_the_figure(tmp_path, monkeypatch, groups):
+    """A long title (machine name, date) is wrapped to the figure's width instead of running past its edges."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    close, drawn = plt.close, []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure that plot() would close
+    entry = {"samples_per_s": {"median": 2.0, "min": 1.5, "max": 2.5}}
+    table = {g: {k: entry for k in ("ours_rto", "ours_ppo", "trl_ppo")} for g in groups}
+    title = ("one PPO iteration, SmolLM2-135M fp32, rollout 32 x 40 tokens, Intel(R) Xeon(R) Platinum 8488C "
+             "Processor with a long name (2 CPUs), 2026-12-03 18:22 UTC")
+    tb.plot(table, tmp_path / "plot.png", title)
+    (fig,) = drawn
+    fig.canvas.draw()
+    (suptitle,) = [t for t in fig.findobj(Text) if t.get_text() == fig.get_suptitle()]
+    box, frame = suptitle.get_window_extent(), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    close(fig)
