@@ -186,11 +186,11 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     """True when this torch build runs a CPU linear layer in `dtype` through oneDNN with a weight packed ahead of
     time (torch.ops.mkldnn._reorder_linear_weight and _linear_pointwise, the ops torch.compile's CPU backend
     uses for frozen weights) on a CPU with AVX512; checked once on a small product against F.linear. bf16 passes
-    on an AVX512 CPU without AVX512-BF16 or AMX too, where oneDNN emulates it: there every bf16 product is slow,
-    packed or not (2-core Xeon, 32 rows x SmolLM2's 1536 x 576: 1.26 ms packed, 1.25 ms through torch.mm, against
-    0.34 ms packed in fp32), which is why --precision auto runs fp32 on such CPUs. On an AVX2-only AMD EPYC, an
-    earlier trial of oneDNN's prepacked weights ran a decode step's layers slower than torch's default BLAS (230
-    against 197 ms a step), so there the products stay with that BLAS."""
+    on an AVX512 CPU without AVX512-BF16 or AMX too, where oneDNN emulates it: there every bf16 product is about
+    4x slower than fp32's, packed or not (README, "Sampling, temperatures and precision"), which is why
+    --precision auto runs fp32 on such CPUs. On an AVX2-only AMD EPYC, an earlier trial of oneDNN's prepacked
+    weights ran a decode step's layers slower than torch's default BLAS (230 against 197 ms a step), so there the
+    products stay with that BLAS."""
     if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available() \
             or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return False

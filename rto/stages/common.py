@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from rto import runtime
 from rto.config import ConfigError, check_fields
 from rto.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.data import PreferencePair, load_preferences
@@ -23,8 +22,8 @@ from rto.models import check_tokenizers, load_tokenizer
 from rto.trunk import checked_trunk_layers, frozen_layers, share_trunk_weights
 from rto.zero import engine_for
 from rto.rollout import encode_prompts, encode_response
-from rto.runtime import (NonFiniteError, Run, check_report_to, folder_state, make_accelerator, resolve_precision,
-                         seed_everything)
+from rto.runtime import (NonFiniteError, Run, check_report_to, emulated_bf16_note, folder_state, make_accelerator,
+                         resolve_precision, seed_everything)
 from rto.sequences import SeqBatch, collate
 
 
@@ -152,10 +151,8 @@ def start(cfg: Common, name: str) -> tuple[Run, object]:
     precision = resolve_precision(cfg.precision)
     run.note(f"{name}: precision {precision}, device {accelerator.device}, out {run.dir}"
              + (f"; resuming from {resume_from}" if resume_from else ""))
-    if precision == "bf16" and accelerator.device.type == "cpu" and not runtime.cpu_has_native_bf16():
-        run.note(f"{name}: bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX flag): its bf16 products are "
-                 "emulated, slower than fp32's (about 4x for SmolLM2's weights on a 2-core AVX512 Xeon); "
-                 "--precision auto picks fp32 on this CPU")
+    if note := emulated_bf16_note(precision, accelerator.device):
+        run.note(f"{name}: {note}")
     return run, accelerator
 
 
