@@ -308,8 +308,9 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
                     keep_trunk: bool = False, entropy: bool = False, trunk: torch.Tensor | None = None
                     ) -> dict[str, torch.Tensor]:
     """Every given model reads the sampled tokens once, `chunk` sequences at a time, on one shared trunk
-    (`trunk`, [B, P+T, H], when the sampler kept it: Rollout.trunk; else computed here). Log-probs, values and
-    scores are computed in fp32 (see sequences.lm_logits).
+    (`trunk`, [B, P+T, H], when the sampler kept it: Rollout.trunk; else computed here). Without a trunk, the
+    prompt prefix that a chunk's rows share (the chat template's system turn) runs once per model and chunk
+    (rto.sequences.prefix_once_hidden). Log-probs, values and scores are computed in fp32 (see sequences.lm_logits).
 
     Returns, on `device`, [B, T] tensors:
       logp_ref, logp     log pi_ref and log pi at the sampling `temperature` (the KL penalty and PPO's ratio;

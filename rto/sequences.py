@@ -12,8 +12,10 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from rto.models import ValueModel
+from rto.models import ValueModel, decoder_of
 from rto.trunk import role_hidden, trunk_hidden
 
 
@@ -90,8 +92,59 @@ def shared_trunk(model, batch: SeqBatch, n_frozen: int) -> torch.Tensor | None:
     return trunk_hidden(model, n_frozen, batch.input_ids, batch.attention_mask, batch.position_ids)
 
 
+def shared_prefix_width(batch: SeqBatch) -> int:
+    """How many leading prompt tokens every row of `batch` shares (a chat template's system turn), leaving each
+    row at least one prompt token of its own; 0 for a single row."""
+    width = batch.prompt_width
+    lengths = batch.attention_mask[:, :width].sum(-1)
+    most = int(lengths.min()) - 1
+    if len(batch) < 2 or most <= 0:
+        return 0
+    starts = width - lengths
+    heads = batch.input_ids.gather(1, starts[:, None] + torch.arange(most, device=starts.device)[None])
+    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+
+
+def without_prefix(batch: SeqBatch, n: int) -> SeqBatch:
+    """`batch` with the first `n` prompt tokens of every row taken out: row i, [pads | prefix | rest | response],
+    becomes [pads | rest | response] (prompt width P - n); every kept token keeps its position id."""
+    starts = batch.prompt_width - batch.attention_mask[:, :batch.prompt_width].sum(-1)
+    col = torch.arange(batch.input_ids.shape[1] - n, device=starts.device)[None]
+    index = col + n * (col >= starts[:, None])  # a row's pads stay, its columns from the prefix on move n left
+    return SeqBatch(batch.input_ids.gather(1, index), batch.attention_mask.gather(1, index),
+                    batch.position_ids.gather(1, index), batch.response_mask, batch.prompt_width - n)
+
+
+def prefix_once_hidden(model, batch: SeqBatch, n: int) -> torch.Tensor | None:
+    """Final hidden states of `batch` in the layout of without_prefix(batch, n), [B, L - n, H], with the n prompt
+    tokens every row shares run once, at batch 1, into a KV cache that every row's rest then attends to: the
+    states a full forward gives at those columns, up to float rounding, for 1 / B of the prefix's products.
+    None for models with other than plain full-attention cache layers (sliding windows count cache slots, and
+    the prefix would shift them), which need the full forward."""
+    decoder = decoder_of(model)
+    cache = DynamicCache(config=decoder.config)
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    start = batch.prompt_width - int(batch.attention_mask[0, :batch.prompt_width].sum())
+    prefix = batch.input_ids[:1, start : start + n]
+    positions = torch.arange(n, device=prefix.device)[None]
+    # the cache goes fourth, by position: transformers 5 renamed that argument (past_key_values -> cache)
+    decoder(prefix, torch.ones_like(prefix), positions, cache, use_cache=True)
+    cache.batch_repeat_interleave(len(batch))
+    rest = without_prefix(batch, n)
+    mask = torch.cat([rest.attention_mask.new_ones(len(batch), n), rest.attention_mask], 1)
+    return decoder(rest.input_ids, mask, rest.position_ids, cache, use_cache=True).last_hidden_state
+
+
 def _response_hidden(model, batch: SeqBatch, trunk, n_frozen) -> torch.Tensor:
-    """Hidden states at positions P-1 .. P+T-1 ([B, T+1, H]): state before each response token, and after the last."""
+    """Hidden states at positions P-1 .. P+T-1 ([B, T+1, H]): state before each response token, and after the last.
+    Without gradients and a shared trunk (scoring, evaluation), the prompt prefix that every row shares runs once
+    (prefix_once_hidden)."""
+    if trunk is None and not torch.is_grad_enabled():
+        n = shared_prefix_width(batch)
+        hidden = prefix_once_hidden(model, batch, n) if n else None
+        if hidden is not None:
+            return hidden[:, batch.prompt_width - n - 1 :]
     hidden = role_hidden(model, batch, trunk, n_frozen)
     return hidden[:, batch.prompt_width - 1 :]
 

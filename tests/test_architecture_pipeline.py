@@ -241,8 +241,10 @@ def test_ppo_scoring_equals_the_models_own_forward_on(arch, tokenizer):
         assert set(got) == set(want)
         for key, value in want.items():
             assert got[key].shape == value.shape, key
-            err = float((got[key] - value).abs().max())
-            assert err <= ATOL, f"{arch}, {n} layers shared, {key}: off by {err:.2g}"
+            # relative to the figures' size (at least 1): without a shared trunk the prompt prefix that every row
+            # shares runs once (rto.sequences.prefix_once_hidden), which rounds otherwise than a full forward
+            err = float((got[key] - value).abs().max()) / max(1.0, float(value.abs().max()))
+            assert err <= ATOL, f"{arch}, {n} layers shared, {key}: off by {err:.2g} (relative)"
     assert (want["logp"] - want["logp_ref"]).abs().max() > 1e-3  # the roles differ, so a swap of two would show
     assert (want["logp_dpo"] - want["logp_ref_t1"]).abs().max() > 1e-3
 

@@ -7,7 +7,8 @@ import torch
 from rto.models import ValueModel, load_causal_lm, set_trainable
 from rto.trunk import shares_trunk, trunk_hidden
 from rto.sequences import (collate, critic_values, cut_at_eos, entropy_from_logits, lm_logits, nll_loss,
-                           picked_logprobs, sequence_scores, token_logprobs, token_values)
+                           picked_logprobs, sequence_scores, shared_prefix_width, token_logprobs, token_values,
+                           without_prefix)
 
 
 def test_collate_layout_by_hand():
@@ -24,6 +25,40 @@ def test_masks_do_not_depend_on_pad_equal_to_eos():
     eos = 9  # pad == eos, as for SmolLM2: a response that ends with EOS keeps it in the mask
     b = collate([[5]], [[1, eos]], pad_id=eos)
     assert b.response_mask.tolist() == [[1, 1]]
+
+
+def test_shared_prefix_and_the_batch_without_it_by_hand():
+    b = collate([[5, 6, 7, 8], [5, 6, 9], [5, 6, 7]], [[1, 2], [3], [4, 4]], pad_id=0)
+    assert shared_prefix_width(b) == 2  # [5, 6]; row 3 could give up only two of its three tokens anyway
+    assert shared_prefix_width(collate([[5, 6, 7]] * 2, [[1], [2]], pad_id=0)) == 2  # each keeps one token
+    assert shared_prefix_width(collate([[5, 6], [7, 6]], [[1], [2]], pad_id=0)) == 0
+    assert shared_prefix_width(collate([[5, 6, 7]], [[1]], pad_id=0)) == 0  # one row: nothing to share
+    rest = without_prefix(b, 2)
+    assert rest.prompt_width == 2
+    assert rest.input_ids.tolist() == [[7, 8, 1, 2], [0, 9, 3, 0], [0, 7, 4, 4]]
+    assert rest.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 1]]
+    assert rest.position_ids.tolist() == [[2, 3, 4, 5], [0, 2, 3, 3], [0, 2, 3, 4]]
+    assert rest.response_mask.tolist() == b.response_mask.tolist()
+
+
+def test_scoring_runs_the_shared_prefix_once_and_scores_what_a_full_forward_scores(tiny_model):
+    """Without gradients, the prompt prefix every row shares goes through the model once, at batch 1; the
+    log-probs and values equal those of the full forward (which runs with gradients on) up to float rounding."""
+    policy = load_causal_lm(tiny_model).eval()
+    critic = ValueModel.from_pretrained(tiny_model).eval()
+    torch.nn.init.normal_(critic.head.weight)
+    b = collate([[5, 6, 7, 8, 9], [5, 6, 7, 10], [5, 6, 7, 11, 12, 13]], [[1, 2, 3], [4], [2, 2]], pad_id=0)
+    assert shared_prefix_width(b) == 3
+    seen = []
+    hook = policy.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        once = token_logprobs(policy, b), token_values(critic, b)
+    hook.remove()
+    assert seen == [(1, 3), (3, b.input_ids.shape[1] - 3)]  # the prefix at batch 1, then every row's rest
+    full = token_logprobs(policy, b), token_values(critic, b)  # gradients on: the full forward
+    for a, want in zip(once, full):
+        assert torch.allclose(a, want.detach(), atol=1e-5)
+    assert (once[0][b.response_mask == 0] == 0).all()
 
 
 def test_cut_at_eos_keeps_the_first_eos():
