@@ -5,6 +5,12 @@ task with the chat template's default system prompt, max_new_tokens 40, T = 1, t
 SmolLM2-135M-Instruct in fp32, alternating the two paths `--reps` times each, and counts tokens as PPO's
 tokens_per_s_generate does: real response tokens, EOS included. It prints the median and spread of each
 path's tokens/s and their ratio, and writes benchmarks/results/generation.json.
+
+It also times the weight products inside rto's loop (every linear layer and the LM head, as
+rto.decoding.PackedProducts runs them) and reports their share of the loop's time, and the bound they set:
+tokens / products' seconds, against transformers' tokens/s of the same repetition. That bound is the speed-up
+over `generate` that a loop running these products could reach if everything else it does (attention, norms,
+sampling, Python) took no time at all.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import transformers
 
 from benchmarks._machine import cpu_info
+from rto.decoding import PackedProducts
 from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rto.rollout import _generate_transformers, encode_prompts, generate
 from rto.tasks import get_task
@@ -28,16 +36,48 @@ from rto.tasks import get_task
 PATHS = {"transformers": _generate_transformers, "rto": generate}
 
 
+@contextmanager
+def product_clock():
+    """While active, every product that rto.decoding.PackedProducts computes is timed: yields a dict whose
+    "seconds" and "products" add up their wall-clock time and count."""
+    clock = {"seconds": 0.0, "products": 0}
+    forward = PackedProducts._forward
+
+    def timed(self, linear, x):
+        start = time.perf_counter()
+        y = forward(self, linear, x)
+        clock["seconds"] += time.perf_counter() - start
+        clock["products"] += 1
+        return y
+    PackedProducts._forward = timed
+    try:
+        yield clock
+    finally:
+        PackedProducts._forward = forward
+
+
 def timed_rollout(fn, model, tokenizer, prompt_ids, max_new_tokens: int, seed: int) -> dict:
-    """One call of `fn` on all prompts: seconds, response tokens (EOS included), tokens/s, EOS rate."""
+    """One call of `fn` on all prompts: seconds, response tokens (EOS included), tokens/s, EOS rate, and the
+    seconds and count of the products that rto's PackedProducts ran in it (0 for transformers' `generate`)."""
     torch.manual_seed(seed)
-    start = time.perf_counter()
-    rollout = fn(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                 batch_size=len(prompt_ids), progress=False, return_logprobs=True)
-    seconds = time.perf_counter() - start
+    with product_clock() as clock:
+        start = time.perf_counter()
+        rollout = fn(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+                     top_k=0, batch_size=len(prompt_ids), progress=False, return_logprobs=True)
+        seconds = time.perf_counter() - start
     tokens = int(rollout.batch.response_mask.sum())
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-            "ended": float(rollout.ended.float().mean())}
+            "ended": float(rollout.ended.float().mean()), "products_s": clock["seconds"],
+            "products": clock["products"]}
+
+
+def products_bound(rto_runs: list[dict], transformers_runs: list[dict]) -> dict:
+    """The products' share of rto's loop, and the speed-up over `generate` they leave room for: per repetition
+    (tokens / products' seconds) / transformers' tokens/s, the median over repetitions."""
+    shares = [r["products_s"] / r["seconds"] for r in rto_runs]
+    bounds = [r["tokens"] / r["products_s"] / t["tokens_per_s"] for r, t in zip(rto_runs, transformers_runs)]
+    return {"products_share_median": statistics.median(shares), "products_only_bound_median": statistics.median(bounds),
+            "products_only_bound_min": min(bounds), "products_only_bound_max": max(bounds)}
 
 
 def summary(runs: list[dict]) -> dict:
@@ -72,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:12s} median {f['tokens_per_s_median']:6.1f} tok/s (min {f['tokens_per_s_min']:.1f}, "
               f"max {f['tokens_per_s_max']:.1f})")
     print(f"ratio rto / transformers: {ratio:.2f}x")
+    bound = products_bound(runs["rto"], runs["transformers"])
+    print(f"rto's products: {bound['products_share_median']:.0%} of its loop; with nothing else, at most "
+          f"{bound['products_only_bound_median']:.2f}x transformers ({bound['products_only_bound_min']:.2f}-"
+          f"{bound['products_only_bound_max']:.2f})")
     cpu = cpu_info(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else {}
     result = {
         "command": "python -m benchmarks.generation " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -84,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                      "batch_size": len(prompt_ids), "reps": args.reps},
         "tokens_counted": "response tokens, EOS included (as PPO's tokens_per_s_generate)",
-        "paths": figures, "ratio_median": ratio,
+        "paths": figures, "ratio_median": ratio, "products": bound,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -447,11 +447,13 @@ def plot(table: dict, path: Path, title: str) -> None:
         colors = ["tab:green" if k == "ours_rto" else "tab:blue" if k == "ours_ppo" else "tab:red" if k == "trl_ppo"
                   else "tab:gray" for k in kinds]
         ax.bar(range(len(kinds)), med, yerr=[lo, hi], capsize=4, color=colors)
+        ax.margins(y=0.12)  # room above the highest cap for its label
         ax.set_xticks(range(len(kinds)), [k.replace("_", "\n", 1) for k in kinds])
         ax.set_ylabel("samples/s (responses per second of an iteration)")
         ax.set_title("every layer trained" if group == "all" else "top 6 of 30 layers trained")
-        for i, m in enumerate(med):
-            ax.text(i, m, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
+        for i, (m, h) in enumerate(zip(med, hi)):  # above the error bar's cap, where the spread does not hide it
+            ax.annotate(f"{m:.2f}", (i, m + h), xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8)
     # wrapped to the figure's width (about 75 characters of 9-point text per 5.5-inch panel): a machine's name
     # and the date made one line wider than a one-panel figure
     fig.suptitle(textwrap.fill(title, 75 * len(groups)), fontsize=9)

@@ -195,3 +195,24 @@ def test_the_plot_title_stays_inside_the_figure(tmp_path, monkeypatch, groups):
     assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1
     assert (tmp_path / "plot.png").stat().st_size > 0
     close(fig)
+
+
+def test_the_value_labels_sit_above_the_error_bars(tmp_path, monkeypatch):
+    """Each bar's median is written above its max whisker's cap, not under it, and inside the panel."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    close, drawn = plt.close, []
+    monkeypatch.setattr(plt, "close", drawn.append)
+    spreads = {"ours_rto": (2.0, 1.5, 2.6), "ours_ppo": (2.2, 2.1, 2.25), "trl_ppo": (1.0, 0.9, 1.4)}
+    table = {"top6": {k: {"samples_per_s": {"median": m, "min": lo, "max": hi}} for k, (m, lo, hi) in spreads.items()}}
+    tb.plot(table, tmp_path / "plot.png", "a title")
+    (fig,) = drawn
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    for m, lo, hi in spreads.values():
+        (label,) = [t for t in fig.findobj(Text) if t.get_text() == f"{m:.2f}"]
+        cap_top = ax.transData.transform((0, hi))[1]  # the whisker's top in display units
+        box = label.get_window_extent()
+        assert cap_top <= box.y0 and box.y1 <= ax.bbox.y1
+    close(fig)
