@@ -275,6 +275,13 @@ class _Checkpointed:
 _CHECKPOINTED: dict[type, type] = {}
 
 
+def recomputes_layers(model: nn.Module) -> bool:
+    """Whether a forward of `model` with gradients on recomputes its decoder layers in the backward pass: rto's
+    gradient checkpointing (enable_gradient_checkpointing) or transformers' own (on layers in train mode)."""
+    return any(isinstance(layer, _Checkpointed) or (getattr(layer, "gradient_checkpointing", False) and layer.training)
+               for layer in decoder_of(model).layers)
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> int:
     """Checkpoint every decoder layer of `model` (a causal LM, a peft model or a ValueModel) whenever gradients are on;
     returns the number of layers. transformers' own switch (gradient_checkpointing_enable) acts only on layers in

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from rto.lora import recomputes_layers
 from rto.models import ValueModel, decoder_of
 from rto.trunk import role_hidden, trunk_hidden
 
@@ -138,9 +139,10 @@ def prefix_once_hidden(model, batch: SeqBatch, n: int) -> torch.Tensor | None:
 
 def _response_hidden(model, batch: SeqBatch, trunk, n_frozen) -> torch.Tensor:
     """Hidden states at positions P-1 .. P+T-1 ([B, T+1, H]): state before each response token, and after the last.
-    Without gradients and a shared trunk (scoring, evaluation), the prompt prefix that every row shares runs once
-    (prefix_once_hidden)."""
-    if trunk is None and not torch.is_grad_enabled():
+    Without a shared trunk, the prompt prefix that every row shares runs once (prefix_once_hidden), in scoring
+    and in training alike (its gradient then gathers every row's share, as B copies of it would); not when the
+    layers are recomputed in the backward pass (gradient checkpointing), which would write the cache twice."""
+    if trunk is None and not (torch.is_grad_enabled() and recomputes_layers(model)):
         n = shared_prefix_width(batch)
         hidden = prefix_once_hidden(model, batch, n) if n else None
         if hidden is not None:

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from rto.models import ValueModel, load_causal_lm, set_trainable
+from rto.lora import enable_gradient_checkpointing
+from rto.models import ValueModel, decoder_of, load_causal_lm, set_trainable
 from rto.trunk import shares_trunk, trunk_hidden
 from rto.sequences import (collate, critic_values, cut_at_eos, entropy_from_logits, lm_logits, nll_loss,
                            picked_logprobs, sequence_scores, shared_prefix_width, token_logprobs, token_values,
@@ -41,24 +42,71 @@ def test_shared_prefix_and_the_batch_without_it_by_hand():
     assert rest.response_mask.tolist() == b.response_mask.tolist()
 
 
-def test_scoring_runs_the_shared_prefix_once_and_scores_what_a_full_forward_scores(tiny_model):
-    """Without gradients, the prompt prefix every row shares goes through the model once, at batch 1; the
-    log-probs and values equal those of the full forward (which runs with gradients on) up to float rounding."""
+def _plain_logprobs(model, b) -> torch.Tensor:
+    """log pi(y_t) from the model's own forward over whole rows, 0 off the response mask."""
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+    logp = torch.log_softmax(logits[:, b.prompt_width - 1 : -1].float(), -1)
+    return logp.gather(-1, b.response_ids[..., None]).squeeze(-1) * b.response_mask
+
+
+def _prefixed_batch():
+    b = collate([[5, 6, 7, 8, 9], [5, 6, 7, 10], [5, 6, 7, 11, 12, 13]], [[1, 2, 3], [4], [2, 2]], pad_id=0)
+    assert shared_prefix_width(b) == 3
+    return b
+
+
+def _embedded_shapes(model, run) -> list[tuple]:
+    seen = []
+    hook = decoder_of(model).embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        return run(), seen
+    finally:
+        hook.remove()
+
+
+def test_the_shared_prefix_runs_once_and_scores_what_whole_rows_score(tiny_model):
+    """The prompt prefix every row shares goes through the model once, at batch 1; the log-probs and values equal
+    those of the model's own forward over whole rows up to float rounding."""
     policy = load_causal_lm(tiny_model).eval()
     critic = ValueModel.from_pretrained(tiny_model).eval()
     torch.nn.init.normal_(critic.head.weight)
-    b = collate([[5, 6, 7, 8, 9], [5, 6, 7, 10], [5, 6, 7, 11, 12, 13]], [[1, 2, 3], [4], [2, 2]], pad_id=0)
-    assert shared_prefix_width(b) == 3
-    seen = []
-    hook = policy.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    b = _prefixed_batch()
     with torch.no_grad():
-        once = token_logprobs(policy, b), token_values(critic, b)
-    hook.remove()
-    assert seen == [(1, 3), (3, b.input_ids.shape[1] - 3)]  # the prefix at batch 1, then every row's rest
-    full = token_logprobs(policy, b), token_values(critic, b)  # gradients on: the full forward
-    for a, want in zip(once, full):
-        assert torch.allclose(a, want.detach(), atol=1e-5)
-    assert (once[0][b.response_mask == 0] == 0).all()
+        logp, seen = _embedded_shapes(policy, lambda: token_logprobs(policy, b))
+        assert seen == [(1, 3), (3, b.input_ids.shape[1] - 3)]  # the prefix at batch 1, then every row's rest
+        assert torch.allclose(logp, _plain_logprobs(policy, b), atol=1e-5)
+        assert (logp[b.response_mask == 0] == 0).all()
+        own = critic(b.input_ids, b.attention_mask, b.position_ids)[:, b.prompt_width - 1 :]
+        assert torch.allclose(token_values(critic, b), own, atol=1e-5)
+
+
+def test_training_through_the_shared_prefix_gives_the_gradient_of_whole_rows(tiny_model):
+    """With gradients on, the prefix runs once too, and the gradient it passes back gathers every row's share:
+    the parameters' gradients equal those of the loss over whole rows."""
+    b = _prefixed_batch()
+    weights = torch.linspace(0.5, 2.0, b.response_mask.numel()).view_as(b.response_mask)
+    grads = []
+    for run in (lambda m: token_logprobs(m, b), lambda m: _plain_logprobs(m, b)):
+        model = load_causal_lm(tiny_model).eval()
+        logp, seen = _embedded_shapes(model, lambda: run(model))
+        (logp * weights).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert seen == [(3, b.input_ids.shape[1])]  # (the second run: whole rows)
+    for name, grad in grads[1].items():
+        assert torch.allclose(grads[0][name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_with_gradient_checkpointing_whole_rows_run(tiny_model):
+    """Checkpointed layers recompute their forward in the backward pass and would write the prefix's cache
+    twice: with gradients on they run whole rows; without, the prefix still runs once."""
+    model = load_causal_lm(tiny_model).eval()
+    enable_gradient_checkpointing(model)
+    b = _prefixed_batch()
+    logp, seen = _embedded_shapes(model, lambda: token_logprobs(model, b))
+    assert seen == [(3, b.input_ids.shape[1])]
+    logp.sum().backward()
+    with torch.no_grad():
+        assert _embedded_shapes(model, lambda: token_logprobs(model, b))[1][0] == (1, 3)
 
 
 def test_cut_at_eos_keeps_the_first_eos():
