@@ -30,18 +30,8 @@ from transformers.cache_utils import DynamicLayer
 
 from rto.distributed import is_sharded
 from rto.models import decoder_of
-from rto.sequences import lm_logits
+from rto.sequences import lm_logits, shared_prefix_length
 from rto.trunk import bottom_view
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """The length of the longest common prefix of `prompts`, leaving at least one token of each prompt out of it
-    (the last prompt token must run with the row's own suffix to give that row's first logits)."""
-    shortest = min(map(len, prompts))
-    n = 0
-    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
-        n += 1
-    return n
 
 
 def draw_tokens(logits: torch.Tensor, temperature: float, greedy: bool, generators: list[torch.Generator] | None,

@@ -93,17 +93,23 @@ def shared_trunk(model, batch: SeqBatch, n_frozen: int) -> torch.Tensor | None:
     return trunk_hidden(model, n_frozen, batch.input_ids, batch.attention_mask, batch.position_ids)
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """The length of the longest common prefix of `prompts`, leaving at least one token of each prompt out of it
+    (the last prompt token must run with the row's own suffix to give that row's first logits)."""
+    shortest = min(map(len, prompts))
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
 def shared_prefix_width(batch: SeqBatch) -> int:
-    """How many leading prompt tokens every row of `batch` shares (a chat template's system turn), leaving each
-    row at least one prompt token of its own; 0 for a single row."""
-    width = batch.prompt_width
-    lengths = batch.attention_mask[:, :width].sum(-1)
-    most = int(lengths.min()) - 1
-    if len(batch) < 2 or most <= 0:
+    """shared_prefix_length of the prompts of `batch` (0 for a single row: nothing to share)."""
+    if len(batch) < 2:
         return 0
-    starts = width - lengths
-    heads = batch.input_ids.gather(1, starts[:, None] + torch.arange(most, device=starts.device)[None])
-    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+    lengths = batch.attention_mask[:, :batch.prompt_width].sum(-1).tolist()
+    return shared_prefix_length([row[batch.prompt_width - n : batch.prompt_width]
+                                 for row, n in zip(batch.input_ids.tolist(), lengths)])
 
 
 def without_prefix(batch: SeqBatch, n: int) -> SeqBatch:
