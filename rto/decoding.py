@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from rto.distributed import is_sharded
 from rto.models import decoder_of
+from rto.runtime import cpu_vendor
 from rto.sequences import lm_logits, shared_prefix_length
 from rto.trunk import bottom_view
 
@@ -195,6 +196,17 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return y.dtype == dtype and torch.allclose(y.float(), nn.functional.linear(x, w).float(), rtol=0.02, atol=0.02)
 
 
+@lru_cache(maxsize=None)
+def packs_at_each_use() -> bool:
+    """True when PackedProducts(keep=False) packs each fp32 weight for oneDNN at each product (onednn_packs, on
+    a CPU other than Intel's); on an Intel CPU those products go through torch's BLAS, MKL in torch's x86 builds,
+    which keeps its fastest kernels for Intel's CPUs. At the scoring pass's hundreds of rows, on a 2-core AVX512
+    Xeon without AVX512-BF16 (fp32; RTO's four SmolLM2 models on 32 x 74 tokens, chunks of 16), F.linear ran the
+    pass 1.01-1.32x faster than packing each weight at its use (4 pairs; benchmarks/README.md, "A fifth machine");
+    on an AVX512 AMD EPYC, MKL ran them about 2x slower (a 1536 x 576 layer at 1120 rows: 11.1 against 5.0 ms)."""
+    return onednn_packs(torch.float32) and cpu_vendor() != "GenuineIntel"
+
+
 class PackedProducts:
     """While active, every plain nn.Linear on the CPU under `modules` computes y = x W^T + b with its weight
     prepared once for the whole decode loop instead of at every product:
@@ -220,14 +232,15 @@ class PackedProducts:
 
     keep=False, for forwards at many rows (the scoring pass: hundreds of rows a product, so that packing a weight
     costs little next to its product): every fp32 product packs its weight and lets it go, holding one packed
-    weight at a time; under autocast every product runs as usual (oneDNN's bf16 product, autocast's cast)."""
+    weight at a time, where packs_at_each_use (not on Intel's CPUs, whose BLAS runs these products faster: there
+    nothing is patched); under autocast every product runs as usual (oneDNN's bf16 product, autocast's cast)."""
 
     FEW_ROWS = 48
 
     def __init__(self, *modules: nn.Module, keep: bool = True):
         self.keep = keep
-        self.linears = list(dict.fromkeys(m for module in modules for m in module.modules()
-                                          if type(m) is nn.Linear and m.weight.device.type == "cpu"))
+        self.linears = [] if not keep and not packs_at_each_use() else list(dict.fromkeys(
+            m for module in modules for m in module.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"))
         self.prepared: dict[nn.Linear, tuple[torch.dtype, torch.Tensor, torch.Tensor | None, bool]] = {}
 
     def prepare(self, linear: nn.Linear) -> tuple[torch.dtype, torch.Tensor, torch.Tensor | None, bool]:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -310,7 +311,9 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
     """Every given model reads the sampled tokens once, `chunk` sequences at a time, on one shared trunk
     (`trunk`, [B, P+T, H], when the sampler kept it: Rollout.trunk; else computed here). Without a trunk, the
     prompt prefix that a chunk's rows share (the chat template's system turn) runs once per model and chunk
-    (rto.sequences.prefix_once_hidden). Log-probs, values and scores are computed in fp32 (see sequences.lm_logits).
+    (rto.sequences.prefix_once_hidden). The chunks take the rows in order of length, each chunk without the columns
+    that are padding in all its rows (SeqBatch.tight); the results come back in the batch's order. Log-probs,
+    values and scores are computed in fp32 (see sequences.lm_logits).
 
     Returns, on `device`, [B, T] tensors:
       logp_ref, logp     log pi_ref and log pi at the sampling `temperature` (the KL penalty and PPO's ratio;
@@ -324,13 +327,19 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
     cols: dict[str, list] = {}
     # fp32 products on the CPU through oneDNN, each weight packed as it is used (rto.decoding.PackedProducts)
     products = PackedProducts(*(m for m in (ref, policy, dpo, critic, rm) if m is not None), keep=False)
+    # chunks of rows of like lengths, each without the columns that are padding in all its rows; not where the
+    # trunk is computed here and kept for the update, which reads it at the rollout's full width
+    tighten = not (n_shared and trunk is None and keep_trunk)
+    order = torch.argsort(batch.attention_mask.sum(-1), stable=True) if tighten else torch.arange(len(batch))
+    T = batch.response_mask.shape[1]
     for start in range(0, len(batch), chunk):
-        rows = slice(start, start + chunk)
-        b = batch.select(rows).to(device or batch.input_ids.device)
+        rows = order[start : start + chunk]
+        b, keep = batch.select(rows).tight() if tighten else (batch.select(rows), slice(None))
+        b = b.to(device or batch.input_ids.device)
         out = {}
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False), products:
-            shared = (trunk[rows].to(b.input_ids.device) if trunk is not None and n_shared
-                      else shared_trunk(ref, b, n_shared))
+            given = trunk[rows].to(b.input_ids.device) if trunk is not None and n_shared else None
+            shared = given[:, keep] if given is not None else shared_trunk(ref, b, n_shared)
             # one vocabulary-sized logits tensor at a time: the policy's, used and freed, then the reference's
             if policy is not None:
                 pol_logits = response_logits(policy, b, shared, n_shared)
@@ -354,7 +363,8 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
             if rm is not None:
                 out["rm_raw"] = sequence_scores(token_values(rm, b, shared, n_shared), b, rm.meta.get("pooling", "last"))
             if keep_trunk and shared is not None:
-                out["trunk"] = shared
-        for k, v in out.items():
-            cols.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in cols.items()}
+                out["trunk"] = given if given is not None else shared
+        for k, v in out.items():  # [b, T'] -> [b, T]: zeros off the response mask, as each column is
+            cols.setdefault(k, []).append(F.pad(v, (0, T - v.shape[1])) if v.dim() == 2 else v)
+    back = torch.argsort(order)
+    return {k: torch.cat(v)[back.to(v[0].device)] for k, v in cols.items()}

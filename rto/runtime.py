@@ -42,6 +42,15 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor_id as /proc/cpuinfo gives it ('GenuineIntel', 'AuthenticAMD'), '' where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
+
+
 def resolve_precision(precision: str) -> str:
     """'auto' -> 'bf16' on a bf16-capable GPU or CPU, else 'fp32'."""
     if precision not in ("auto", "fp32", "bf16"):

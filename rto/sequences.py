@@ -45,6 +45,17 @@ class SeqBatch:
             self.response_mask[index], self.prompt_width,
         )
 
+    def tight(self) -> tuple["SeqBatch", slice]:
+        """This batch without the columns that are padding in every row (the prompt block's first ones, the
+        response block's last ones), and the slice of this batch's columns it keeps; each token keeps its
+        position id, so a forward over it gives every real token's states as the full batch's does."""
+        prompt_lengths = self.attention_mask[:, :self.prompt_width].sum(-1)
+        lead = self.prompt_width - int(prompt_lengths.max()) if len(self) else 0
+        T = int(self.response_lengths.max()) if len(self) else 0
+        keep = slice(lead, self.prompt_width + T)
+        return SeqBatch(self.input_ids[:, keep], self.attention_mask[:, keep], self.position_ids[:, keep],
+                        self.response_mask[:, :T], self.prompt_width - lead), keep
+
     def to(self, device) -> "SeqBatch":
         return SeqBatch(*(getattr(self, f.name).to(device) if f.name != "prompt_width" else self.prompt_width
                           for f in fields(self)))

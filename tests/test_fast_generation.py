@@ -174,6 +174,38 @@ def test_per_product_packing_keeps_nothing_and_leaves_autocast_and_autograd_alon
         assert all(torch.equal(a, p.grad) for a, p in zip(grads, block.parameters()))
 
 
+@pytest.mark.parametrize("vendor, packed", [("AuthenticAMD", True), ("GenuineIntel", False), ("", True)])
+def test_per_product_packing_only_where_the_cpu_is_not_intels(monkeypatch, vendor, packed):
+    """At many rows (keep=False) an Intel CPU's products go through torch's BLAS (MKL: faster there than a weight
+    packed at each use), others' through oneDNN with the weight packed at the use (where onednn_packs)."""
+    calls = []
+
+    def counted(x, w, b=None):
+        calls.append(x.shape[0])
+        return torch.nn.functional.linear(x, w, b)
+
+    monkeypatch.setattr(rto.decoding, "onednn_packs", lambda dtype: True)
+    monkeypatch.setattr(rto.decoding, "pack_weight", lambda w: w)
+    monkeypatch.setattr(rto.decoding, "packed_linear", counted)
+    monkeypatch.setattr(rto.decoding, "cpu_vendor", lambda: vendor)
+    rto.decoding.packs_at_each_use.cache_clear()
+    try:
+        torch.manual_seed(0)
+        block = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24))
+        x = torch.randn(3, 70, 24)
+        with torch.no_grad():
+            want = block(x)
+            with PackedProducts(block, keep=False):
+                assert all(("forward" in layer.__dict__) is packed for layer in (block[0], block[2]))
+                got = block(x)
+            with PackedProducts(block):  # kept for a decode loop: packed whatever the vendor
+                block(x[:, -1])
+    finally:
+        rto.decoding.packs_at_each_use.cache_clear()
+    assert torch.equal(got, want)
+    assert calls == [210, 210] * packed + [3, 3]
+
+
 @pytest.mark.parametrize("autocast", [None, nullcontext])  # (the stages pass accelerate's, a no-op in fp32)
 def test_in_fp32_a_row_draws_the_same_tokens_whatever_prompts_share_its_batch(tiny, autocast):
     """fp32: each row's tokens and log-probs do not depend on the batch around it, whose longest prompt sets the

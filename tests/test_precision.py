@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rto import runtime
-from rto.runtime import cpu_has_native_bf16, resolve_precision
+from rto.runtime import cpu_has_native_bf16, cpu_vendor, resolve_precision
 from rto.stages.dpo import DPOConfig, run
 
 
@@ -62,6 +62,17 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags(monkeypatch, flags, expected):
 def test_cpu_has_native_bf16_is_false_when_cpuinfo_cannot_be_read(monkeypatch):
     _fake_cpuinfo(monkeypatch, None)
     assert cpu_has_native_bf16() is False
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", "GenuineIntel"),
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n", "AuthenticAMD"),
+    ("processor\t: 0\nBogoMIPS\t: 50.00\n", ""),  # (an Arm CPU has no vendor_id line)
+    (None, ""),  # unreadable
+])
+def test_cpu_vendor_reads_the_vendor_id(monkeypatch, text, expected):
+    _fake_cpuinfo(monkeypatch, text)
+    assert cpu_vendor() == expected
 
 
 def test_auto_precision_from_cpu_flags_end_to_end(monkeypatch):

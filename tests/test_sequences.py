@@ -42,6 +42,39 @@ def test_shared_prefix_and_the_batch_without_it_by_hand():
     assert rest.response_mask.tolist() == b.response_mask.tolist()
 
 
+def test_tight_drops_the_columns_padding_in_every_row_by_hand():
+    b = collate([[5, 6, 7], [8], [9, 10]], [[1], [2, 3, 4], [5, 6]], pad_id=0)  # P = 3, T = 3
+    t, keep = b.select(torch.tensor([2, 0])).tight()  # prompts of 2 and 3 tokens, responses of 2 and 1
+    assert keep == slice(0, 5) and t.prompt_width == 3
+    t, keep = b.select(torch.tensor([1, 2])).tight()  # prompts of 1 and 2 tokens, responses of 3 and 2
+    assert keep == slice(1, 6) and t.prompt_width == 2
+    assert t.input_ids.tolist() == [[0, 8, 2, 3, 4], [9, 10, 5, 6, 0]]
+    assert t.attention_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert t.position_ids.tolist() == [[0, 0, 1, 2, 3], [0, 1, 2, 3, 3]]
+    assert t.response_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    whole, keep = b.tight()
+    assert keep == slice(0, 6) and torch.equal(whole.input_ids, b.input_ids)
+
+
+def test_scoring_chunks_rows_of_like_length_without_their_common_padding(tiny_model):
+    """score_sequences takes the rows in order of length, chunk by chunk, each chunk without the columns that are
+    padding in all its rows, and gives the results of whole rows back in the batch's order."""
+    from rto.rollout import score_sequences
+
+    policy = load_causal_lm(tiny_model).eval()
+    critic = ValueModel.from_pretrained(tiny_model).eval()
+    torch.nn.init.normal_(critic.head.weight)
+    prompts = [[5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16], [17, 18]]
+    b = collate(prompts, [[1], [2, 3, 4, 5], [6, 7], [8, 9, 10]], pad_id=0)  # P = 6, T = 4
+    with torch.no_grad():
+        got, seen = _embedded_shapes(policy, lambda: score_sequences(b, ref=policy, critic=critic, chunk=2))
+        assert seen == [(2, 2 + 4), (2, 6 + 2)]  # rows 2 and 4 (5 tokens each), then rows 1 and 3 (7 each)
+        assert torch.allclose(got["logp_ref"], _plain_logprobs(policy, b), atol=1e-5)
+        own = critic(b.input_ids, b.attention_mask, b.position_ids)[:, b.prompt_width - 1 : -1] * b.response_mask
+        assert torch.allclose(got["values"], own, atol=1e-5)
+        assert got["values"].shape == b.response_mask.shape and (got["values"][b.response_mask == 0] == 0).all()
+
+
 def _plain_logprobs(model, b) -> torch.Tensor:
     """log pi(y_t) from the model's own forward over whole rows, 0 off the response mask."""
     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
