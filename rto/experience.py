@@ -71,6 +71,17 @@ class Experience:
             rows=_pick(self.rows, index),
         )
 
+    def tight(self) -> "Experience":
+        """This record without the columns that are padding in every one of its responses (SeqBatch.tight): the
+        batch, the dense tensors (zero there) and the trunk lose them; a minibatch drawn from the rollout then
+        runs at its own rows' widths, with every masked sum and mean unchanged."""
+        batch, keep = self.batch.tight()
+        T = batch.response_mask.shape[1]
+        tokens = replace(self.tokens, **{f.name: getattr(self.tokens, f.name)[:, :T] for f in fields(self.tokens)
+                                         if getattr(self.tokens, f.name) is not None})
+        trunk = None if self.trunk is None else self.trunk[:, keep]
+        return Experience(batch=batch, tokens=tokens, seqs=self.seqs, trunk=trunk, texts=self.texts, rows=self.rows)
+
     def split(self, size: int):
         """Consecutive pieces of at most `size` sequences (micro-batches of a minibatch)."""
         for start in range(0, len(self), size):

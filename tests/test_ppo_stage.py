@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import rto.stages.ppo as ppo
 from rto.advantages import masked_whiten
 from rto.experience import Experience, SequenceTensors, TokenTensors
+from rto.losses import LOSS_AGGREGATIONS, policy_loss, value_loss
 from rto.models import ValueModel, load_causal_lm, load_tokenizer
 from rto.rewards import adaptive_kl_coef
 from rto.rollout import Rollout
@@ -277,6 +278,43 @@ def _order(exp: Experience, size: int, gen: torch.Generator) -> list[list[int]]:
         assert (mb.trunk == mb.seqs.rm_raw[:, None, None]).all()
         out.append(ids)
     return out
+
+
+def test_a_tight_minibatch_drops_only_columns_of_padding_and_keeps_every_loss():
+    """Experience.tight, as the update runs each micro-batch: the columns that are padding in all its rows go, from
+    the batch, the dense tensors and the trunk alike; every masked loss and mean is the same."""
+    batch = collate([[7, 7, 7], [8], [9, 9], [6]], [[1], [2, 2, 2], [3, 3], [4, 4, 4, 4]], pad_id=0)  # P 3, T 4
+    g = torch.Generator().manual_seed(0)
+    dense = lambda: torch.randn(4, 4, generator=g) * batch.response_mask  # noqa: E731  (0 off the mask)
+    tokens = TokenTensors(logp=dense(), logp_ref=dense(), values=dense(), advantages=dense(), returns=dense())
+    seqs = SequenceTensors(rm_raw=torch.arange(4.0), rm_score=torch.arange(4.0), ended=torch.ones(4, dtype=torch.bool),
+                           length=batch.response_lengths)
+    trunk = torch.randn(4, 7, 5, generator=g)
+    mb = Experience(batch=batch, tokens=tokens, seqs=seqs, trunk=trunk).select(torch.tensor([2, 1, 0]))
+    t = mb.tight()  # prompts of 2, 1, 3 tokens: none dropped; responses of 2, 3, 1: the 4th column goes
+    assert t.batch.prompt_width == 3 and t.batch.input_ids.shape == (3, 6) and t.tokens.logp.shape == (3, 3)
+    assert torch.equal(t.trunk, mb.trunk[:, :6]) and t.tokens.rewards is None and t.seqs is mb.seqs
+    t = mb.select(torch.tensor([0, 1])).tight()  # prompts of 2 and 1 tokens, responses of 2 and 3
+    assert t.batch.prompt_width == 2 and t.batch.input_ids.tolist() == [[9, 9, 3, 3, 0], [0, 8, 2, 2, 2]]
+    assert torch.equal(t.trunk, mb.trunk[:2, 1:6]) and torch.equal(t.tokens.advantages, mb.tokens.advantages[:2, :3])
+    whole = mb.select(torch.tensor([0, 1]))
+
+    def loss(e: Experience, agg: str) -> float:
+        tok, m = e.tokens, e.batch.response_mask
+        return float(policy_loss(tok.logp + 0.1 * m, tok.logp, tok.advantages, m, agg=agg)[0]
+                     + value_loss(tok.values + 0.2 * m, tok.values, tok.returns, m, agg=agg)[0])
+
+    for agg in LOSS_AGGREGATIONS:
+        assert loss(t, agg) == pytest.approx(loss(whole, agg), rel=1e-6), agg
+
+
+def test_the_update_runs_each_minibatch_without_its_columns_of_padding(tiny_model, reward_model, tmp_path):
+    """Every forward of the update (rto.stages.ppo's token_logprobs) gets a batch whose first column holds some
+    row's first prompt token and whose last holds some row's last response token."""
+    run = run_ppo(tmp_path / "ppo", tiny_model, reward_model, ("token_logprobs",), rollout_size=8, ppo_epochs=2)
+    batches = [call[1][1] for call in run.spy.calls]
+    assert len(batches) == 2 * 2 * 4  # iterations x epochs x minibatches
+    assert all(bool(b.attention_mask[:, 0].any()) and bool(b.response_mask[:, -1].any()) for b in batches)
 
 
 @pytest.mark.parametrize("n, size, sizes", [(8, 2, [2, 2, 2, 2]), (8, 4, [4, 4]), (8, 8, [8]), (5, 2, [2, 2, 1])])

@@ -451,10 +451,11 @@ def run(cfg: PPOConfig) -> dict:
         with timed(times, "time_update_s"):
             for _ in range(cfg.ppo_epochs if not bad else 0):
                 for mb in exp.minibatches(cfg.minibatch_size // n_proc, gen):
-                    # micro-batches of this process's share (all of it without micro_batch_size); each loss weighs
+                    # micro-batches of this process's share (all of it without micro_batch_size), each without the
+                    # columns that are padding in all its rows (Experience.tight); each loss weighs
                     # by the micro-batch's share of the whole minibatch's tokens (token_mean) or responses, over
                     # every process: share_weight(units, total) = W * units / total, 1 for one process and one part
-                    parts = list(mb.split(cfg.micro_batch_size or len(mb)))
+                    parts = [part.tight() for part in mb.split(cfg.micro_batch_size or len(mb))]
                     units = [float(p.batch.response_mask.sum()) if cfg.loss_agg == "token_mean" else float(len(p))
                              for p in parts]
                     local = sum(units)
