@@ -325,7 +325,8 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
     and [B] tensors: rm_raw (rm given; pooled as the reward model was trained); trunk when keep_trunk.
     """
     cols: dict[str, list] = {}
-    # fp32 products on the CPU through oneDNN, each weight packed as it is used (rto.decoding.PackedProducts)
+    # fp32 products on the CPU through oneDNN, each weight packed as it is used, or on Intel CPUs through torch's
+    # BLAS (rto.decoding.PackedProducts, packs_at_each_use)
     products = PackedProducts(*(m for m in (ref, policy, dpo, critic, rm) if m is not None), keep=False)
     # chunks of rows of like lengths, each without the columns that are padding in all its rows; not where the
     # trunk is computed here and kept for the update, which reads it at the rollout's full width
