@@ -76,9 +76,7 @@ class Experience:
         batch, the dense tensors (zero there) and the trunk lose them; a minibatch drawn from the rollout then
         runs at its own rows' widths, with every masked sum and mean unchanged."""
         batch, keep = self.batch.tight()
-        T = batch.response_mask.shape[1]
-        tokens = replace(self.tokens, **{f.name: getattr(self.tokens, f.name)[:, :T] for f in fields(self.tokens)
-                                         if getattr(self.tokens, f.name) is not None})
+        tokens = _select(self.tokens, (slice(None), slice(0, batch.response_mask.shape[1])))
         trunk = None if self.trunk is None else self.trunk[:, keep]
         return Experience(batch=batch, tokens=tokens, seqs=self.seqs, trunk=trunk, texts=self.texts, rows=self.rows)
 

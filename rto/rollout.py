@@ -322,25 +322,24 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
                          them on, so beta * (logp_dpo - logp_ref_t1) is the DPO implicit token reward
       entropy            (entropy=True) entropy of the policy's sampling distribution at each response token
       values             (critic given) the critic's V(s_t)
-    and [B] tensors: rm_raw (rm given; pooled as the reward model was trained); trunk when keep_trunk.
+    and [B] tensors: rm_raw (rm given; pooled as the reward model was trained); trunk when keep_trunk ([B, P+T,
+    H], 0 on the columns a chunk dropped: padding, which attention masks).
     """
     cols: dict[str, list] = {}
     # fp32 products on the CPU through oneDNN, each weight packed as it is used, or on Intel CPUs through torch's
     # BLAS (rto.decoding.PackedProducts, packs_at_each_use)
     products = PackedProducts(*(m for m in (ref, policy, dpo, critic, rm) if m is not None), keep=False)
-    # chunks of rows of like lengths, each without the columns that are padding in all its rows; not where the
-    # trunk is computed here and kept for the update, which reads it at the rollout's full width
-    tighten = not (n_shared and trunk is None and keep_trunk)
-    order = torch.argsort(batch.attention_mask.sum(-1), stable=True) if tighten else torch.arange(len(batch))
-    T = batch.response_mask.shape[1]
+    # chunks of rows of like lengths, each without the columns that are padding in all its rows
+    order = torch.argsort(batch.attention_mask.sum(-1), stable=True)
+    L, T = batch.input_ids.shape[1], batch.response_mask.shape[1]
     for start in range(0, len(batch), chunk):
         rows = order[start : start + chunk]
-        b, keep = batch.select(rows).tight() if tighten else (batch.select(rows), slice(None))
+        b, keep = batch.select(rows).tight()
         b = b.to(device or batch.input_ids.device)
         out = {}
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False), products:
-            given = trunk[rows].to(b.input_ids.device) if trunk is not None and n_shared else None
-            shared = given[:, keep] if given is not None else shared_trunk(ref, b, n_shared)
+            shared = (trunk[rows][:, keep].to(b.input_ids.device) if trunk is not None and n_shared
+                      else shared_trunk(ref, b, n_shared))
             # one vocabulary-sized logits tensor at a time: the policy's, used and freed, then the reference's
             if policy is not None:
                 pol_logits = response_logits(policy, b, shared, n_shared)
@@ -363,8 +362,8 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
                 out["values"] = critic_values(token_values(critic, b, shared, n_shared), b)
             if rm is not None:
                 out["rm_raw"] = sequence_scores(token_values(rm, b, shared, n_shared), b, rm.meta.get("pooling", "last"))
-            if keep_trunk and shared is not None:
-                out["trunk"] = given if given is not None else shared
+            if keep_trunk and shared is not None:  # at the rollout's width for the update, 0 on the dropped columns
+                out["trunk"] = F.pad(shared, (0, 0, keep.start, L - keep.stop))
         for k, v in out.items():  # [b, T'] -> [b, T]: zeros off the response mask, as each column is
             cols.setdefault(k, []).append(F.pad(v, (0, T - v.shape[1])) if v.dim() == 2 else v)
     back = torch.argsort(order)

@@ -33,22 +33,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, '' where it cannot be read (another OS, no permission)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 autocast is ~3x faster than fp32 there, and far slower without them."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_vendor() -> str:
     """The CPU's vendor_id as /proc/cpuinfo gives it ('GenuineIntel', 'AuthenticAMD'), '' where it cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("vendor_id")), "")
 
 
 def resolve_precision(precision: str) -> str:
