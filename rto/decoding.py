@@ -9,8 +9,9 @@ pass computes them). It spends less on the way:
   - a row leaves the batch (and the KV cache) as soon as it has drawn an EOS;
   - the KV cache is written in place into buffers sized for the whole response (PreallocatedLayer), instead of
     being concatenated into a new tensor at every step, which copies all of it;
-  - every linear layer's weight (the LM head's too) is cast and packed once for the loop, in the layout oneDNN's
-    matmul reads, instead of at every product (PackedProducts);
+  - every linear layer's weight (the LM head's too) is cast once for the loop and, where oneDNN's packed products
+    pay (not the decoder's fp32 layers on Intel's CPUs), packed in the layout oneDNN's matmul reads, instead of at
+    every product (PackedProducts);
 With `trunk_layers=n` it also returns the hidden states after the bottom n layers at every prompt and response
 token: what the scoring pass would otherwise recompute as the shared trunk (rto.trunk.trunk_hidden).
 Each row draws its noise from its own generator (seeded from the global RNG), so the tokens of a row do not
@@ -197,13 +198,15 @@ def onednn_packs(dtype: torch.dtype) -> bool:
 
 
 @lru_cache(maxsize=None)
-def packs_at_each_use() -> bool:
-    """True when PackedProducts(keep=False) packs each fp32 weight for oneDNN at each product (onednn_packs, on
-    a CPU other than Intel's); on an Intel CPU those products go through torch's BLAS, MKL in torch's x86 builds,
-    which keeps its fastest kernels for Intel's CPUs. At the scoring pass's hundreds of rows, on a 2-core AVX512
-    Xeon without AVX512-BF16 (fp32; RTO's four SmolLM2 models on 32 x 74 tokens, chunks of 16), F.linear ran the
-    pass 1.01-1.32x faster than packing each weight at its use (4 pairs; benchmarks/README.md, "A fifth machine");
-    on an AVX512 AMD EPYC, MKL ran them about 2x slower (a 1536 x 576 layer at 1120 rows: 11.1 against 5.0 ms)."""
+def packs_fp32() -> bool:
+    """True where fp32 products run faster through oneDNN with a packed weight than through torch's BLAS: where
+    onednn_packs, on a CPU other than Intel's. Torch's x86 builds use MKL as that BLAS, which keeps its fastest
+    kernels for Intel's CPUs. On a 2-core AVX512 Xeon without AVX512-BF16 (fp32): at the scoring pass's hundreds
+    of rows (RTO's four SmolLM2 models on 32 x 74 tokens, chunks of 16) F.linear ran the pass 1.01-1.32x faster than
+    packing each weight at its use (4 pairs); at a decode step's 32 rows the decoder's layers as (W x^T)^T on the
+    weights themselves sampled 1.02-1.12x faster than with every weight packed (5 pairs), and hold no copy
+    (benchmarks/README.md, "A fifth machine"). On an AVX512 AMD EPYC, MKL ran them about 2x slower (a 1536 x 576
+    layer at 1120 rows: 11.1 against 5.0 ms)."""
     return onednn_packs(torch.float32) and cpu_vendor() != "GenuineIntel"
 
 
@@ -218,6 +221,10 @@ class PackedProducts:
         AMD EPYC (AVX512) at a decode step's 32 rows, fp32: the 49k x 576 LM head 19.5 -> 6.5 ms, SmolLM2's
         1536 x 576 layers 0.35 -> 0.16 ms (torch's default fp32 BLAS there, MKL, runs them 2-3x slower);
         with oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) 18.7 -> 11.3 ms and 0.34 -> 0.27 ms; bf16 about even.
+        In fp32 on Intel's CPUs (packs_fp32) only an output head at least WIDE times wider than its input (the LM
+        head over a vocabulary) is packed: the other layers' products read the weights themselves, through torch's
+        BLAS, faster there, and no copy of them is held (2-core AVX512 Xeon, SmolLM2, 32 rows x 40 tokens, 5
+        rounds: 4.72 s a rollout against 4.97 with every weight packed and 4.90 with none; ~400 MB less held).
 
     Results equal F.linear up to float summation order in fp32 (oneDNN sums in another order than MKL); bf16
     products are oneDNN's either way. Without oneDNN's packed products (onednn_packs: another build, a CPU
@@ -227,19 +234,20 @@ class PackedProducts:
     starts at 1 row, so that a row sampled alone and in a batch go through the same products). Other devices and
     subclasses (peft's LoRA wrappers, whose inner Linear layers are patched) run as usual, and so does a product
     that autograd must record (a weight or an input that requires gradients, with gradients on) or whose weight
-    is a shard (FSDP). It holds one prepared copy of each weight while active (4 bytes per weight in fp32, 2 in
-    bf16).
+    is a shard (FSDP). It holds one prepared copy of each weight it packs or casts while active (4 bytes per
+    weight in fp32, 2 in bf16); an fp32 weight left unpacked is used as it is.
 
     keep=False, for forwards at many rows (the scoring pass: hundreds of rows a product, so that packing a weight
     costs little next to its product): every fp32 product packs its weight and lets it go, holding one packed
-    weight at a time, where packs_at_each_use (not on Intel's CPUs, whose BLAS runs these products faster: there
+    weight at a time, where packs_fp32 (not on Intel's CPUs, whose BLAS runs these products faster: there
     nothing is patched); under autocast every product runs as usual (oneDNN's bf16 product, autocast's cast)."""
 
     FEW_ROWS = 48
+    WIDE = 8
 
     def __init__(self, *modules: nn.Module, keep: bool = True):
         self.keep = keep
-        self.linears = [] if not keep and not packs_at_each_use() else list(dict.fromkeys(
+        self.linears = [] if not keep and not packs_fp32() else list(dict.fromkeys(
             m for module in modules for m in module.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"))
         self.prepared: dict[nn.Linear, tuple[torch.dtype, torch.Tensor, torch.Tensor | None, bool]] = {}
 
@@ -253,7 +261,8 @@ class PackedProducts:
         if kept is None or kept[0] != dtype:
             w = linear.weight.detach().to(dtype)
             b = None if linear.bias is None else linear.bias.detach().to(dtype)
-            packed = onednn_packs(dtype)
+            packed = onednn_packs(dtype) and (dtype != torch.float32 or packs_fp32()
+                                              or linear.out_features >= self.WIDE * linear.in_features)
             kept = (dtype, pack_weight(w) if packed else w, b, packed)
             if self.keep:
                 self.prepared[linear] = kept

@@ -327,7 +327,7 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
     """
     cols: dict[str, list] = {}
     # fp32 products on the CPU through oneDNN, each weight packed as it is used, or on Intel CPUs through torch's
-    # BLAS (rto.decoding.PackedProducts, packs_at_each_use)
+    # BLAS (rto.decoding.PackedProducts, packs_fp32)
     products = PackedProducts(*(m for m in (ref, policy, dpo, critic, rm) if m is not None), keep=False)
     # chunks of rows of like lengths, each without the columns that are padding in all its rows
     order = torch.argsort(batch.attention_mask.sum(-1), stable=True)
@@ -340,22 +340,25 @@ def score_sequences(batch: SeqBatch, *, ref, policy=None, dpo=None, critic=None,
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False), products:
             shared = (trunk[rows][:, keep].to(b.input_ids.device) if trunk is not None and n_shared
                       else shared_trunk(ref, b, n_shared))
-            # one vocabulary-sized logits tensor at a time: the policy's, used and freed, then the reference's
+            # one vocabulary-sized logits tensor at a time: the policy's, used and freed, then the reference's; the
+            # log-probs at temperature T come last and overwrite the logits (no temporary of their size)
             if policy is not None:
                 pol_logits = response_logits(policy, b, shared, n_shared)
-                out["logp"] = logprobs_from_logits(pol_logits, b, temperature)
                 if entropy:
                     out["entropy"] = entropy_from_logits(pol_logits, b, temperature)
+                out["logp"] = logprobs_from_logits(pol_logits, b, temperature, consume=True)
                 del pol_logits
             ref_logits = response_logits(ref, b, shared, n_shared)
-            out["logp_ref"] = logprobs_from_logits(ref_logits, b, temperature)
+            if policy is None and entropy:
+                out["entropy"] = entropy_from_logits(ref_logits, b, temperature)
+            if dpo is not None and temperature != 1.0:
+                out["logp_ref_t1"] = logprobs_from_logits(ref_logits, b)
+            out["logp_ref"] = logprobs_from_logits(ref_logits, b, temperature, consume=True)
+            del ref_logits
             if policy is None:
                 out["logp"] = out["logp_ref"]
-                if entropy:
-                    out["entropy"] = entropy_from_logits(ref_logits, b, temperature)
-            if dpo is not None:
-                out["logp_ref_t1"] = out["logp_ref"] if temperature == 1.0 else logprobs_from_logits(ref_logits, b)
-            del ref_logits
+            if dpo is not None and temperature == 1.0:
+                out["logp_ref_t1"] = out["logp_ref"]
             if dpo is not None:
                 out["logp_dpo"] = token_logprobs(dpo, b, shared, n_shared)
             if critic is not None:

@@ -97,7 +97,8 @@ def test_packed_products_equal_linear_and_are_undone(bias):
     with products, torch.no_grad():  # (a product autograd must record runs as nn.Linear: see below)
         turned = [block(x) for x in inputs]
         assert all("forward" in layer.__dict__ for layer in (block[0], block[2]))
-        assert {kept[3] for kept in products.prepared.values()} == {onednn_packs(torch.float32)}
+        # (in fp32 on Intel's CPUs only a vocabulary-wide head is packed: see below)
+        assert {kept[3] for kept in products.prepared.values()} == {rto.decoding.packs_fp32()}
     assert not any("forward" in layer.__dict__ for layer in block) and not products.prepared  # undone
     for x, want, got in zip(inputs, plain, turned):  # fp32: the same sums in another order
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -188,7 +189,7 @@ def test_per_product_packing_only_where_the_cpu_is_not_intels(monkeypatch, vendo
     monkeypatch.setattr(rto.decoding, "pack_weight", lambda w: w)
     monkeypatch.setattr(rto.decoding, "packed_linear", counted)
     monkeypatch.setattr(rto.decoding, "cpu_vendor", lambda: vendor)
-    rto.decoding.packs_at_each_use.cache_clear()
+    rto.decoding.packs_fp32.cache_clear()
     try:
         torch.manual_seed(0)
         block = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24))
@@ -198,12 +199,50 @@ def test_per_product_packing_only_where_the_cpu_is_not_intels(monkeypatch, vendo
             with PackedProducts(block, keep=False):
                 assert all(("forward" in layer.__dict__) is packed for layer in (block[0], block[2]))
                 got = block(x)
-            with PackedProducts(block):  # kept for a decode loop: packed whatever the vendor
+            with PackedProducts(block):  # kept for a decode loop: on Intel's CPUs these layers stay unpacked too
                 block(x[:, -1])
     finally:
-        rto.decoding.packs_at_each_use.cache_clear()
+        rto.decoding.packs_fp32.cache_clear()
     assert torch.equal(got, want)
-    assert calls == [210, 210] * packed + [3, 3]
+    assert calls == [210, 210, 3, 3] * packed
+
+
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_a_decode_loop_on_intels_cpus_packs_only_the_vocabulary_wide_head(monkeypatch, vendor):
+    """Kept for a decode loop, fp32: on Intel's CPUs only an output head at least WIDE times wider than its input
+    (the LM head) is packed for oneDNN; the other layers' products read their weights as they are (no copy), as
+    (W x^T)^T at a decode step's rows. Elsewhere every weight is packed. The results are the same products."""
+    calls = []
+
+    def counted(x, w, b=None):
+        calls.append(tuple(w.shape))
+        return torch.nn.functional.linear(x, w, b)
+
+    monkeypatch.setattr(rto.decoding, "onednn_packs", lambda dtype: True)
+    monkeypatch.setattr(rto.decoding, "pack_weight", lambda w: w.clone())
+    monkeypatch.setattr(rto.decoding, "packed_linear", counted)
+    monkeypatch.setattr(rto.decoding, "cpu_vendor", lambda: vendor)
+    rto.decoding.packs_fp32.cache_clear()
+    try:
+        torch.manual_seed(0)
+        layers = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24))
+        head = torch.nn.Linear(24, 24 * PackedProducts.WIDE, bias=False)
+        x = torch.randn(32, 24)
+        with torch.no_grad():
+            want = head(layers(x))
+            with PackedProducts(layers, head) as products:
+                got = head(layers(x))
+                kept = {layer: products.prepared[layer] for layer in (layers[0], layers[2], head)}
+    finally:
+        rto.decoding.packs_fp32.cache_clear()
+    intel = vendor == "GenuineIntel"
+    same = lambda layer: kept[layer][1].data_ptr() == layer.weight.data_ptr()  # noqa: E731
+    assert kept[head][3] and not same(head)  # the head: a packed copy either way
+    for layer in (layers[0], layers[2]):
+        assert kept[layer][3] is not intel
+        assert same(layer) is intel  # on Intel's CPUs the weight's own memory, not a copy
+    assert calls == ([] if intel else [(40, 24), (24, 40)]) + [(24 * PackedProducts.WIDE, 24)]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("autocast", [None, nullcontext])  # (the stages pass accelerate's, a no-op in fp32)

@@ -2,14 +2,15 @@
 
 import math
 
+import pytest
 import torch
 
 from rto.lora import enable_gradient_checkpointing
 from rto.models import ValueModel, decoder_of, load_causal_lm, set_trainable
 from rto.trunk import shares_trunk, trunk_hidden
-from rto.sequences import (collate, critic_values, cut_at_eos, entropy_from_logits, lm_logits, nll_loss,
-                           picked_logprobs, sequence_scores, shared_prefix_width, token_logprobs, token_values,
-                           without_prefix)
+from rto.sequences import (collate, critic_values, cut_at_eos, entropy_from_logits, lm_logits, logprobs_from_logits,
+                           nll_loss, picked_logprobs, picked_logprobs_, response_logits, sequence_scores,
+                           shared_prefix_width, token_logprobs, token_values, without_prefix)
 
 
 def test_collate_layout_by_hand():
@@ -166,6 +167,30 @@ def test_picked_logprobs_and_their_gradient_by_hand():
     torch.testing.assert_close(picked_logprobs(z, y), torch.log_softmax(z, -1).gather(-1, y[..., None])[..., 0])
 
 
+def test_picked_logprobs_in_the_logits_memory_by_hand():
+    """picked_logprobs_ overwrites the logits it is given (their last use: no vocabulary-sized temporary) and
+    gives picked_logprobs' numbers, bit for bit."""
+    logits = torch.tensor([[0.0, math.log(3.0), float("-inf")], [float("-inf")] * 3])
+    out = picked_logprobs_(logits, torch.tensor([1, 0]))
+    # pi = (1/4, 3/4, 0): log pi_1 = log 3/4; a row of -inf gives -inf - (-inf) = nan, as torch.log_softmax
+    torch.testing.assert_close(out[0], torch.tensor(math.log(0.75)))
+    assert out[1].isnan() and torch.log_softmax(torch.full((3,), float("-inf")), -1)[0].isnan()
+    assert logits[0, 1] != math.log(3.0)  # overwritten
+    torch.manual_seed(0)
+    z, y = torch.randn(2, 5, 49152) * 4, torch.randint(0, 49152, (2, 5))
+    assert torch.equal(picked_logprobs_(z.clone(), y), picked_logprobs(z, y))
+    b = collate([[1], [1]], [[2] * 5, [2] * 3], pad_id=0)
+    b.response_ids[:] = y
+    for temperature in (1.0, 0.7):
+        want = logprobs_from_logits(z, b, temperature)
+        assert torch.equal(logprobs_from_logits(z.clone(), b, temperature, consume=True), want)
+    # logits that need a gradient are left alone: the autograd path runs
+    w = z.clone().requires_grad_()
+    got = logprobs_from_logits(w, b, 0.7, consume=True)
+    got.sum().backward()
+    assert torch.equal(w.detach(), z) and w.grad is not None and torch.equal(got.detach(), want)
+
+
 def test_entropy_by_hand_and_against_float64():
     b = collate([[1]], [[2, 3]], pad_id=0)
     logits = torch.tensor([[[0.0, math.log(3.0), float("-inf")], [5.0, 5.0, 5.0]]])
@@ -318,6 +343,39 @@ def test_generate_returns_results_in_input_order(tiny_model):
                 assert b.input_ids[row, b.prompt_width - len(prompts[i]) : b.prompt_width].tolist() == prompts[i]
                 assert b.response_ids[row, :n].tolist() == expected[i][0]
                 assert b.response_lengths[row] == n
+
+
+@pytest.mark.parametrize("with_policy", [False, True])
+def test_scoring_reads_each_logits_tensor_before_its_log_probs_overwrite_it(tiny_model, monkeypatch, with_policy):
+    """The scoring pass computes the log-probs at T last, in the logits' own memory; the entropy and the reference's
+    log-probs at temperature 1 (the DPO term's scale) are read from the logits before that."""
+    import rto.rollout as rollout
+    import rto.sequences as sequences
+
+    consumed, real = [], sequences.picked_logprobs_
+
+    def counted(logits, index):
+        consumed.append(logits.shape)
+        return real(logits, index)
+
+    monkeypatch.setattr(sequences, "picked_logprobs_", counted)
+    torch.manual_seed(0)
+    policy, ref, dpo = (load_causal_lm(tiny_model).eval() for _ in range(3))
+    with torch.no_grad():
+        for p in dpo.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    b = collate([[5, 6, 7], [8]], [[9, 10, 11], [12, 13]], pad_id=0)
+    t = 0.7
+    got = rollout.score_sequences(b, ref=ref, policy=policy if with_policy else None, dpo=dpo, chunk=2,
+                                  entropy=True, temperature=t)
+    assert len(consumed) == 2 + with_policy  # (policy,) reference and DPO model: each consumed once
+    with torch.no_grad():
+        sampler = policy if with_policy else ref
+        want = {"logp": token_logprobs(sampler, b, temperature=t), "logp_ref": token_logprobs(ref, b, temperature=t),
+                "logp_ref_t1": token_logprobs(ref, b), "logp_dpo": token_logprobs(dpo, b),
+                "entropy": entropy_from_logits(response_logits(sampler, b), b, t)}
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
 
 
 def test_scoring_holds_one_vocabulary_sized_logits_tensor_at_a_time(tiny_model, monkeypatch):
