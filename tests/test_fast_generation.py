@@ -175,73 +175,70 @@ def test_per_product_packing_keeps_nothing_and_leaves_autocast_and_autograd_alon
         assert all(torch.equal(a, p.grad) for a, p in zip(grads, block.parameters()))
 
 
-@pytest.mark.parametrize("vendor, packed", [("AuthenticAMD", True), ("GenuineIntel", False), ("", True)])
-def test_per_product_packing_only_where_the_cpu_is_not_intels(monkeypatch, vendor, packed):
-    """At many rows (keep=False) an Intel CPU's products go through torch's BLAS (MKL: faster there than a weight
-    packed at each use), others' through oneDNN with the weight packed at the use (where onednn_packs)."""
+@pytest.fixture
+def cpu_of(monkeypatch):
+    """cpu_of(vendor) makes oneDNN's packed products available on a CPU of that vendor (packing: a copy) and returns
+    the list into which every packed product writes (its rows, its weight's shape)."""
     calls = []
 
     def counted(x, w, b=None):
-        calls.append(x.shape[0])
-        return torch.nn.functional.linear(x, w, b)
-
-    monkeypatch.setattr(rto.decoding, "onednn_packs", lambda dtype: True)
-    monkeypatch.setattr(rto.decoding, "pack_weight", lambda w: w)
-    monkeypatch.setattr(rto.decoding, "packed_linear", counted)
-    monkeypatch.setattr(rto.decoding, "cpu_vendor", lambda: vendor)
-    rto.decoding.packs_fp32.cache_clear()
-    try:
-        torch.manual_seed(0)
-        block = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24))
-        x = torch.randn(3, 70, 24)
-        with torch.no_grad():
-            want = block(x)
-            with PackedProducts(block, keep=False):
-                assert all(("forward" in layer.__dict__) is packed for layer in (block[0], block[2]))
-                got = block(x)
-            with PackedProducts(block):  # kept for a decode loop: on Intel's CPUs these layers stay unpacked too
-                block(x[:, -1])
-    finally:
-        rto.decoding.packs_fp32.cache_clear()
-    assert torch.equal(got, want)
-    assert calls == [210, 210, 3, 3] * packed
-
-
-@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
-def test_a_decode_loop_on_intels_cpus_packs_only_the_vocabulary_wide_head(monkeypatch, vendor):
-    """Kept for a decode loop, fp32: on Intel's CPUs only an output head at least WIDE times wider than its input
-    (the LM head) is packed for oneDNN; the other layers' products read their weights as they are (no copy), as
-    (W x^T)^T at a decode step's rows. Elsewhere every weight is packed. The results are the same products."""
-    calls = []
-
-    def counted(x, w, b=None):
-        calls.append(tuple(w.shape))
+        calls.append((x.shape[0], tuple(w.shape)))
         return torch.nn.functional.linear(x, w, b)
 
     monkeypatch.setattr(rto.decoding, "onednn_packs", lambda dtype: True)
     monkeypatch.setattr(rto.decoding, "pack_weight", lambda w: w.clone())
     monkeypatch.setattr(rto.decoding, "packed_linear", counted)
-    monkeypatch.setattr(rto.decoding, "cpu_vendor", lambda: vendor)
-    rto.decoding.packs_fp32.cache_clear()
-    try:
-        torch.manual_seed(0)
-        layers = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24))
-        head = torch.nn.Linear(24, 24 * PackedProducts.WIDE, bias=False)
-        x = torch.randn(32, 24)
-        with torch.no_grad():
-            want = head(layers(x))
-            with PackedProducts(layers, head) as products:
-                got = head(layers(x))
-                kept = {layer: products.prepared[layer] for layer in (layers[0], layers[2], head)}
-    finally:
+
+    def of(vendor: str) -> list:
+        monkeypatch.setattr(rto.decoding, "cpu_vendor", lambda: vendor)
         rto.decoding.packs_fp32.cache_clear()
+        return calls
+
+    yield of
+    rto.decoding.packs_fp32.cache_clear()
+
+
+@pytest.mark.parametrize("vendor, packed", [("AuthenticAMD", True), ("GenuineIntel", False), ("", True)])
+def test_per_product_packing_only_where_the_cpu_is_not_intels(cpu_of, vendor, packed):
+    """At many rows (keep=False) an Intel CPU's products go through torch's BLAS (MKL: faster there than a weight
+    packed at each use), others' through oneDNN with the weight packed at the use (where onednn_packs)."""
+    calls = cpu_of(vendor)
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24))
+    x = torch.randn(3, 70, 24)
+    with torch.no_grad():
+        want = block(x)
+        with PackedProducts(block, keep=False):
+            assert all(("forward" in layer.__dict__) is packed for layer in (block[0], block[2]))
+            got = block(x)
+        with PackedProducts(block):  # kept for a decode loop: on Intel's CPUs these layers stay unpacked too
+            block(x[:, -1])
+    assert torch.equal(got, want)
+    assert [rows for rows, _ in calls] == [210, 210, 3, 3] * packed
+
+
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_a_decode_loop_on_intels_cpus_packs_only_the_vocabulary_wide_head(cpu_of, vendor):
+    """Kept for a decode loop, fp32: on Intel's CPUs only an output head at least WIDE times wider than its input
+    (the LM head) is packed for oneDNN; the other layers' products read their weights as they are (no copy), as
+    (W x^T)^T at a decode step's rows. Elsewhere every weight is packed. The results are the same products."""
+    calls = cpu_of(vendor)
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 24))
+    head = torch.nn.Linear(24, 24 * PackedProducts.WIDE, bias=False)
+    x = torch.randn(32, 24)
+    with torch.no_grad():
+        want = head(layers(x))
+        with PackedProducts(layers, head) as products:
+            got = head(layers(x))
+            kept = {layer: products.prepared[layer] for layer in (layers[0], layers[2], head)}
     intel = vendor == "GenuineIntel"
     same = lambda layer: kept[layer][1].data_ptr() == layer.weight.data_ptr()  # noqa: E731
     assert kept[head][3] and not same(head)  # the head: a packed copy either way
     for layer in (layers[0], layers[2]):
         assert kept[layer][3] is not intel
         assert same(layer) is intel  # on Intel's CPUs the weight's own memory, not a copy
-    assert calls == ([] if intel else [(40, 24), (24, 40)]) + [(24 * PackedProducts.WIDE, 24)]
+    assert [shape for _, shape in calls] == ([] if intel else [(40, 24), (24, 40)]) + [(24 * PackedProducts.WIDE, 24)]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
