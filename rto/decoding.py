@@ -3,8 +3,6 @@
 What it samples is what `transformers.generate` samples with rto's sampling_config (top_k 0, top_p 1):
 y_t ~ softmax(logits_t / T), logits in fp32 from the fp32 lm_head (rto.sequences.lm_logits, as the scoring
 pass computes them). It spends less on the way:
-  - the longest prefix every prompt shares (the chat template's system turn) is run once, at batch 1 (not
-    with sliding-window layers, whose window counts cache slots);
   - a prompt given several times in a row (PPO's group_size, pairs' samples_per_prompt) is run once;
   - a row leaves the batch (and the KV cache) as soon as it has drawn an EOS;
   - the KV cache is written in place into buffers sized for the whole response (PreallocatedLayer), instead of
@@ -14,8 +12,9 @@ pass computes them). It spends less on the way:
     every product (PackedProducts);
 With `trunk_layers=n` it also returns the hidden states after the bottom n layers at every prompt and response
 token: what the scoring pass would otherwise recompute as the shared trunk (rto.trunk.trunk_hidden).
-Each row draws its noise from its own generator (seeded from the global RNG), so the tokens of a row do not
-depend on which other rows share its batch, when they finish, or how the prompts were grouped.
+Each row draws its noise from its own generator (seeded from the global RNG), and every prompt is prefilled whole,
+left-padded (a prefix shared by all prompts is not run once: see _prefill), so the tokens of a row do not depend
+on which other rows share its batch, when they finish, or how the prompts were grouped.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from rto.distributed import is_sharded
 from rto.models import decoder_of
 from rto.runtime import cpu_vendor
-from rto.sequences import lm_logits, shared_prefix_length
+from rto.sequences import lm_logits
 from rto.trunk import bottom_view
 
 
@@ -129,38 +128,50 @@ def _last_hidden(decoder, ids, mask, positions, cache) -> torch.Tensor:
     return out.last_hidden_state[:, -1]
 
 
-def _prefill(decoder, prompts: list[list[int]], pad_id: int, capacity: int
-             ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Run `prompts` (all distinct) into a KV cache with room for `capacity` more positions: their shared prefix
-    once at batch 1, then each prompt's left-padded rest. Returns (cache, attention mask [U, L], next positions
-    [U, 1], last hidden states [U, H], shared prefix length n, rest width W).
+ALIGN = 16  # the columns a row's keys are aligned to, AVX512's 16 fp32 lanes (and twice AVX2's 8): see _prefill
 
-    Layout of row u: [shared prefix | pads | rest of prompt u]; positions count real tokens only, so every
-    row sees the positions and keys a forward of its prompt alone would (up to float rounding). With
-    sliding-window layers, n = 0: [pads | prompt u].
+
+def _prefill(decoder, prompts: list[list[int]], pad_id: int, capacity: int
+             ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Run `prompts` (all distinct), left-padded to the longest, W tokens, into a KV cache with room for
+    `capacity` more positions. Returns (cache, attention mask [U, A + W], next positions [U, 1], last hidden
+    states [U, H], W).
+
+    Layout of row u: [A empty slots | pads | prompt u], where the A zero-filled, masked slots make A + W a
+    multiple of ALIGN; positions count real tokens only, so every row sees the positions and keys a forward
+    of its prompt alone would. The layout keeps a row's arithmetic the same whatever the other prompts of its
+    batch (so 1 process and 2 sample the same: tests/test_distributed.py). Attention sums over the keys
+    (softmax's sum, and the weighted sum of the values) in vector lanes and blocks counted from the first
+    column; a row's keys start at column A + W - len(prompt u), the same modulo 16 at every batch width, so
+    they fall into the same lanes, and the masked columns before them add exact zeros. On a 2-core AMD EPYC
+    (fp32, SDPA's math kernel) with the keys starting at W - len(prompt u), rows drew other tokens in a batch
+    of 24 prompts than in the 48 they were part of. Each prompt runs whole: a prefix that the prompts share is
+    not run once (as the scoring pass runs it: rto.sequences.prefix_once_hidden), which would put padding
+    between a row's keys, at an offset that depends on the batch. Under autocast (bf16) no slots are added:
+    there a row's arithmetic depends on its batch anyway (SDPA's flash kernel, whose blocks of keys start at
+    the first column), so the slots would only cost time.
     """
     device = decoder.embed_tokens.weight.device
-    longest = max(map(len, prompts))
+    width = max(map(len, prompts))
     autocast = torch.is_autocast_enabled(device.type)
-    cache = new_cache(decoder.config, longest + capacity, torch.get_autocast_dtype(device.type) if autocast else None)
-    # a sliding window spans cache slots, not positions: pads between the prefix and a row's rest would take
-    # the place of tokens inside it, so models with sliding-window layers run each prompt whole, left-padded
-    n = 0 if any(layer.is_sliding for layer in cache.layers) else shared_prefix_length(prompts)
-    rests = [p[n:] for p in prompts]
-    width = max(map(len, rests))
+    empty = 0 if autocast else -width % ALIGN
+    dtype = torch.get_autocast_dtype(device.type) if autocast else decoder.embed_tokens.weight.dtype
+    config = decoder.config
+    cache = new_cache(config, empty + width + capacity, dtype if autocast else None)
+    if empty:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        zeros = torch.zeros(len(prompts), config.num_key_value_heads, empty, head_dim, dtype=dtype, device=device)
+        for layer in cache.layers:
+            layer.update(zeros, zeros)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    rest_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for u, r in enumerate(rests):
-        ids[u, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        rest_mask[u, width - len(r):] = 1
-    if n:
-        prefix = torch.tensor([prompts[0][:n]], dtype=torch.long, device=device)
-        _last_hidden(decoder, prefix, torch.ones_like(prefix), torch.arange(n, device=device)[None], cache)
-        cache.reorder_cache(torch.zeros(len(prompts), dtype=torch.long, device=device))
-    mask = torch.cat([torch.ones((len(prompts), n), dtype=torch.long), rest_mask], 1).to(device)
-    positions = (n + rest_mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    mask = torch.zeros((len(prompts), empty + width), dtype=torch.long)
+    for u, p in enumerate(prompts):
+        ids[u, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[u, empty + width - len(p):] = 1
+    positions = (mask[:, empty:].cumsum(-1) - 1).clamp(min=0).to(device)
+    mask = mask.to(device)
     hidden = _last_hidden(decoder, ids.to(device), mask, positions, cache)
-    return cache, mask, positions[:, -1:] + 1, hidden, n, width
+    return cache, mask, positions[:, -1:] + 1, hidden, width
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
@@ -360,15 +371,14 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set
     try:
         products.__enter__()
         with run():
-            cache, mask, positions, hidden, n, width = _prefill(decoder, [list(p) for p in unique], pad_id,
-                                                                max_new_tokens + 1)
+            cache, mask, positions, hidden, width = _prefill(decoder, [list(p) for p in unique], pad_id,
+                                                             max_new_tokens + 1)
         device = hidden.device
         source = source.to(device)
         states: list[list[torch.Tensor]] = []
-        if record is not None:  # each row's prompt: [shared prefix | its own rest]
-            rest = record.seen[-1]
-            prefix = record.seen[0][0] if n else rest.new_zeros(0, rest.shape[-1])
-            states = [[prefix, rest[row_of[tuple(p)], width - (len(p) - n):]] for p in prompts]
+        if record is not None:  # each row's prompt, without its pads
+            prefilled = record.seen[-1]
+            states = [[prefilled[row_of[tuple(p)], width - len(p):]] for p in prompts]
         if len(unique) != len(prompts):  # copy each distinct prompt's cache rows to the rows that repeat it
             cache.reorder_cache(source)
         mask, positions, hidden = mask[source], positions[source], hidden[source]

@@ -178,8 +178,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     """Sample one response per prompt, batched: pure sampling at `temperature` by default (top_k 0, top_p 1,
     no repetition penalty, whatever the model's generation_config says; see sampling_config).
 
-    Pure sampling and greedy decoding run rto.decoding.sample (shared prompt prefixes run once, finished rows
-    leave the batch, each row's noise from its own generator seeded from the global RNG); top_k > 0 or
+    Pure sampling and greedy decoding run rto.decoding.sample (a prompt repeated in a row prefilled once,
+    finished rows leave the batch, each row's noise from its own generator seeded from the global RNG); top_k > 0 or
     top_p < 1 go through transformers' generate. Prompts are sorted by length into batches of `batch_size`;
     the results come back in the input order. With return_logprobs, the log-prob of each sampled token under
     the distribution it was sampled from (log_softmax(logits / temperature)) and that distribution's entropy
