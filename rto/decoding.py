@@ -155,12 +155,12 @@ def _prefill(decoder, prompts: list[list[int]], pad_id: int, capacity: int
     width = max(map(len, prompts))
     autocast = torch.is_autocast_enabled(device.type)
     empty = 0 if autocast else -width % ALIGN
-    dtype = torch.get_autocast_dtype(device.type) if autocast else decoder.embed_tokens.weight.dtype
     config = decoder.config
-    cache = new_cache(config, empty + width + capacity, dtype if autocast else None)
+    cache = new_cache(config, empty + width + capacity, torch.get_autocast_dtype(device.type) if autocast else None)
     if empty:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        zeros = torch.zeros(len(prompts), config.num_key_value_heads, empty, head_dim, dtype=dtype, device=device)
+        zeros = torch.zeros(len(prompts), config.num_key_value_heads, empty, head_dim,
+                            dtype=decoder.embed_tokens.weight.dtype, device=device)
         for layer in cache.layers:
             layer.update(zeros, zeros)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
