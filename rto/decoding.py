@@ -12,9 +12,10 @@ pass computes them). It spends less on the way:
     every product (PackedProducts);
 With `trunk_layers=n` it also returns the hidden states after the bottom n layers at every prompt and response
 token: what the scoring pass would otherwise recompute as the shared trunk (rto.trunk.trunk_hidden).
-Each row draws its noise from its own generator (seeded from the global RNG), and every prompt is prefilled whole,
-left-padded (a prefix shared by all prompts is not run once: see _prefill), so the tokens of a row do not depend
-on which other rows share its batch, when they finish, or how the prompts were grouped.
+Each row draws its noise from its own generator (seeded from the global RNG), every prompt is prefilled whole,
+left-padded (a prefix shared by all prompts is not run once: see _prefill), and a product of fewer than 16 rows
+runs on 16 (PackedProducts.MIN_ROWS), so the tokens of a row do not depend on which other rows share its batch,
+when they finish, or how the prompts were grouped.
 """
 
 from __future__ import annotations
@@ -241,11 +242,15 @@ class PackedProducts:
     products are oneDNN's either way. Without oneDNN's packed products (onednn_packs: another build, a CPU
     without AVX512, or a dtype the CPU does not run natively) the kept cast weight goes through torch's BLAS, at
     FEW_ROWS rows (a decode step's batch) as (W x^T)^T, which that BLAS runs 1.1-1.6x faster than x W^T for a
-    decoder's matrices at 16-48 rows (fp32, 2-core AVX2 EPYC: SmolLM2's gate/up 1.38 -> 0.84 ms at 32 rows; it
-    starts at 1 row, so that a row sampled alone and in a batch go through the same products). Other devices and
-    subclasses (peft's LoRA wrappers, whose inner Linear layers are patched) run as usual, and so does a product
-    that autograd must record (a weight or an input that requires gradients, with gradients on) or whose weight
-    is a shard (FSDP). It holds one prepared copy of each weight it packs or casts while active (4 bytes per
+    decoder's matrices at 16-48 rows (fp32, 2-core AVX2 EPYC: SmolLM2's gate/up 1.38 -> 0.84 ms at 32 rows).
+    Kept for a decode loop, a product of fewer than MIN_ROWS rows runs on MIN_ROWS, the rest zeros: the libraries
+    take other kernels, which sum in another order, for a few rows (on a 2-core AMD EPYC with AVX512, fp32: MKL's
+    products of SmolLM2's matrices, either way round, for 1-11 rows against 12 or more; oneDNN's packed 1536-wide
+    product for 1 row), so a row sampled alone, in a rollout's last short batch, or among the few rows left after
+    the others drew EOS would round otherwise than in a full batch (and one process and two sample otherwise).
+    Other devices and subclasses (peft's LoRA wrappers, whose inner Linear layers are patched) run as usual, and so
+    does a product that autograd must record (a weight or an input that requires gradients, with gradients on) or
+    whose weight is a shard (FSDP). It holds one prepared copy of each weight it packs or casts while active (4 bytes per
     weight in fp32, 2 in bf16); an fp32 weight left unpacked is used as it is.
 
     keep=False, for forwards at many rows (the scoring pass: hundreds of rows a product, so that packing a weight
@@ -255,6 +260,7 @@ class PackedProducts:
 
     FEW_ROWS = 48
     WIDE = 8
+    MIN_ROWS = 16
 
     def __init__(self, *modules: nn.Module, keep: bool = True):
         self.keep = keep
@@ -285,15 +291,18 @@ class PackedProducts:
             return nn.functional.linear(x, linear.weight, linear.bias)
         dtype, w, b, packed = self.prepare(linear)
         rows = x.numel() // x.shape[-1]
-        if packed:
-            y = packed_linear(x.to(dtype).reshape(rows, -1), w, b)
-        elif rows > self.FEW_ROWS:
+        if rows > self.FEW_ROWS and not packed:
             return nn.functional.linear(x.to(dtype), w, b)
+        x2 = x.to(dtype).reshape(rows, -1)
+        if self.keep and rows < self.MIN_ROWS:
+            x2 = torch.cat([x2, x2.new_zeros(self.MIN_ROWS - rows, x2.shape[1])])  # zero rows below: see above
+        if packed:
+            y = packed_linear(x2, w, b)
         else:  # a transposed view: the next product reads a contiguous x^T
-            y = torch.mm(w, x.to(dtype).reshape(rows, -1).t()).t()
+            y = torch.mm(w, x2.t()).t()
             if b is not None:
                 y = y + b
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y[:rows].view(*x.shape[:-1], y.shape[-1])
 
     def __enter__(self):
         for m in self.linears:

@@ -212,7 +212,7 @@ def test_per_product_packing_only_where_the_cpu_is_not_intels(cpu_of, vendor, pa
         with PackedProducts(block):  # kept for a decode loop: on Intel's CPUs these layers stay unpacked too
             block(x[:, -1])
     assert torch.equal(got, want)
-    assert [rows for rows, _ in calls] == [210, 210, 3, 3] * packed
+    assert [rows for rows, _ in calls] == [210, 210, PackedProducts.MIN_ROWS, PackedProducts.MIN_ROWS] * packed
 
 
 @pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
@@ -441,6 +441,54 @@ def test_batching_and_order_do_not_change_a_seeded_rollout(tiny):
     # (rto.decoding._prefill); the entropies sum over the vocabulary, which torch may split otherwise for fewer rows
     assert torch.equal(big.sampler_logp, small.sampler_logp)
     torch.testing.assert_close(big.sampler_entropy, small.sampler_entropy, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def smol_shaped(tiny):
+    """A random 2-layer Llama of SmolLM2-135M's widths (576 hidden, 1536 MLP, 9 query and 3 key-value heads, its
+    vocabulary): the shapes whose products BLAS libraries compute with other kernels for a few rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_a_decode_product_of_few_rows_runs_on_min_rows(smol_shaped):
+    """Kept for a decode loop, a product of fewer than MIN_ROWS rows runs on MIN_ROWS (zeros below), so each row
+    comes out of the kernel a full decode batch uses, bit for bit (on a 2-core AMD EPYC, without the padding,
+    MKL's fp32 products gave other sums for 1-11 rows and oneDNN's packed 1536-wide one for 1 row)."""
+    model, _ = smol_shaped
+    layers = [model.model.layers[0].mlp.up_proj, model.model.layers[0].mlp.down_proj, model.lm_head]
+    torch.manual_seed(1)
+    with torch.no_grad(), PackedProducts(*layers):
+        for layer in layers:
+            x = torch.randn(PackedProducts.MIN_ROWS, layer.in_features)
+            full = layer(x)
+            for rows in (1, 3, 5, 11, PackedProducts.MIN_ROWS - 1):
+                assert torch.equal(layer(x[:rows]), full[:rows]), (layer, rows)
+
+
+def test_a_row_samples_the_same_alone_as_in_a_full_batch(smol_shaped):
+    """13 prompts sampled at batch_size 16 and at 4 (batches of 4, 4, 4 and 1; prompts sorted by length): the same
+    tokens and log-probs bit for bit, at SmolLM2's widths. Fails without PackedProducts.MIN_ROWS on a 2-core AMD
+    EPYC: in fp32 the longest prompt, sampled alone, drew log-probs 1e-6 off (oneDNN's 1-row product), and with
+    torch held to AVX2 (MKL's products) 11 of the 13 rows did."""
+    model, tokenizer = smol_shaped
+    prompts = (_prompts(tokenizer) * 3)[:13]
+    rollouts = []
+    for batch_size in (16, 4):
+        torch.manual_seed(7)
+        rollouts.append(generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=batch_size, progress=False,
+                                 return_logprobs=True))
+    full, split = rollouts
+    assert full.response_ids == split.response_ids
+    assert torch.equal(full.sampler_logp, split.sampler_logp)
+    torch.testing.assert_close(full.sampler_entropy, split.sampler_entropy, rtol=0, atol=1e-5)
 
 
 def test_the_prefill_runs_every_distinct_prompt_whole_and_left_padded(tiny, monkeypatch):
