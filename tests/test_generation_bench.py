@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.generation import product_clock, products_bound
+import argparse
+
+from benchmarks.generation import fill_defaults, product_clock, products_bound
 from rto.decoding import PackedProducts, sample
 from rto.models import load_causal_lm, load_tokenizer
 
@@ -35,3 +37,16 @@ def test_the_products_only_bound_by_hand():
     # shares 0.5 and 0.5; bounds 100 / 1 / 25 = 4 and 90 / 1.5 / 20 = 3
     assert bound == {"products_share_median": pytest.approx(0.5), "products_only_bound_median": pytest.approx(3.5),
                      "products_only_bound_min": pytest.approx(3.0), "products_only_bound_max": pytest.approx(4.0)}
+
+
+def test_demo_settings_fill_only_what_is_unset():
+    def args(demo: bool, **given):
+        keys = ("max_new_tokens", "system_prompt", "precision", "train_layers")
+        return fill_defaults(argparse.Namespace(demo=demo, **{k: given.get(k) for k in keys}))
+
+    demo = args(True)
+    assert (demo.max_new_tokens, demo.system_prompt, demo.precision, demo.train_layers) == (32, "", "auto", 6)
+    plain = args(False)
+    assert (plain.max_new_tokens, plain.system_prompt, plain.precision, plain.train_layers) == (40, None, "fp32", None)
+    mixed = args(True, max_new_tokens=40, precision="fp32")
+    assert (mixed.max_new_tokens, mixed.system_prompt, mixed.precision, mixed.train_layers) == (40, "", "fp32", 6)
