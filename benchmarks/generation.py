@@ -30,9 +30,8 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
-
 from functools import partial
+from pathlib import Path
 
 import torch
 import transformers
@@ -43,6 +42,7 @@ from rto.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, set_traina
 from rto.rollout import _generate_transformers, encode_prompts, generate
 from rto.runtime import resolve_precision
 from rto.tasks import get_task
+
 
 @contextmanager
 def product_clock():
