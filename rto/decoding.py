@@ -250,8 +250,8 @@ class PackedProducts:
     the others drew EOS would round otherwise than in a full batch (and one process and two sample otherwise).
     Other devices and subclasses (peft's LoRA wrappers, whose inner Linear layers are patched) run as usual, and so
     does a product that autograd must record (a weight or an input that requires gradients, with gradients on) or
-    whose weight is a shard (FSDP). It holds one prepared copy of each weight it packs or casts while active (4 bytes per
-    weight in fp32, 2 in bf16); an fp32 weight left unpacked is used as it is.
+    whose weight is a shard (FSDP). It holds one prepared copy of each weight it packs or casts while active
+    (4 bytes per weight in fp32, 2 in bf16); an fp32 weight left unpacked is used as it is.
 
     keep=False, for forwards at many rows (the scoring pass: hundreds of rows a product, so that packing a weight
     costs little next to its product): every fp32 product packs its weight and lets it go, holding one packed
